@@ -1,0 +1,3 @@
+"""localserve: a workstation/edge LLM server."""
+
+__version__ = "0.1.0"

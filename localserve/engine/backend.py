@@ -1,0 +1,60 @@
+"""The device seam: what every backend (cpu, cuda, rocm, tpu, mlx) implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+from localserve.engine.plan import ForwardOutput, Plan
+from localserve.models.weights import LoadedWeights
+
+
+@dataclass(slots=True, frozen=True)
+class DeviceInfo:
+    backend: str
+    name: str
+    memory_bytes: int  # what the device can hold (host RAM for cpu)
+    index: int = 0
+
+
+@dataclass(slots=True)
+class BackendConfig:
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+    # weight format the backend computes with: "auto" (its fastest), "dense" (dequantized to
+    # dtype: the reference path), "int8", "int4"
+    weight_format: str = "auto"
+    kv_dtype: str = "auto"
+    num_threads: int | None = None  # cpu: intra-op threads; None = all physical cores
+    # fraction of device memory the KV pages may take (cpu: of available RAM)
+    memory_utilization: float = 0.5
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    compile: str = "auto"  # "auto" | "off" | "on"
+    device_index: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Buckets:
+    """Padded decode batch sizes the backend captures graphs/jits for; empty: any size."""
+
+    decode_batch_sizes: tuple[int, ...] = ()
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: ClassVar[str]
+
+    @classmethod
+    def probe(cls) -> list[DeviceInfo]: ...
+
+    def load(self, model: LoadedWeights, cfg: BackendConfig) -> None: ...
+
+    def kv_capacity(self, block_size: int) -> int: ...
+
+    def init_kv(self, num_blocks: int, block_size: int) -> None: ...
+
+    def shape_buckets(self) -> Buckets: ...
+
+    def execute(self, plan: Plan) -> ForwardOutput: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,55 @@
+"""Typed errors raised below the HTTP boundary; the server maps each to a status code."""
+
+from __future__ import annotations
+
+
+class LocalServeError(Exception):
+    """Base class; `status` is the HTTP status the server answers with."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+
+class ModelLoadError(LocalServeError):
+    """A model file is unreadable, truncated, corrupt or incomplete. Always names the file."""
+
+    status = 500
+    code = "model_load_error"
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    code = "unsupported_architecture"
+
+
+class MissingTensorError(ModelLoadError):
+    code = "missing_tensor"
+
+
+class ContextOverflowError(LocalServeError):
+    """The prompt (plus the tokens asked for, where that is checked) exceeds the context."""
+
+    status = 400
+    code = "context_length_exceeded"
+
+    def __init__(self, num_tokens: int, max_context: int, what: str = "prompt") -> None:
+        super().__init__(
+            f"This model's maximum context length is {max_context} tokens, "
+            f"but the {what} has {num_tokens} tokens."
+        )
+        self.num_tokens = num_tokens
+        self.max_context = max_context
+
+
+class InvalidRequestError(LocalServeError):
+    status = 400
+    code = "invalid_request_error"
+
+
+class EngineOverloadedError(LocalServeError):
+    status = 429
+    code = "overloaded"
