@@ -1,0 +1,219 @@
+"""LLMEngine: the step loop over a Scheduler and a Backend (synchronous core).
+
+    plan = scheduler.schedule()
+    out = backend.execute(plan)
+    events = scheduler.update(plan, out)
+    deltas = detokenize(events)
+
+Thread-safety: `add_request`, `abort` and the two scheduler halves of `step` hold one lock;
+`backend.execute` runs outside it, so an abort frees the request's pages at once even while
+a step is in flight (update then skips the aborted sequence).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from localserve.engine.backend import Backend
+from localserve.engine.detokenizer import IncrementalDetokenizer
+from localserve.engine.outputs import SeqDelta, TokenLogprob
+from localserve.engine.request import Request, RequestStatus
+from localserve.engine.sampling_params import SamplingParams
+from localserve.engine.scheduler import Scheduler, SchedulerConfig, TokenEvent
+from localserve.errors import ContextOverflowError, InvalidRequestError
+from localserve.models.config import ModelConfig
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: as many as the backend says fit
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_context: int | None = None  # None: the model's context
+    enable_prefix_cache: bool = True
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        backend: Backend,
+        model_config: ModelConfig,
+        tokenizer: Any | None,
+        cfg: EngineConfig | None = None,
+    ) -> None:
+        self.cfg = cfg = cfg or EngineConfig()
+        self.backend = backend
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        num_blocks = cfg.num_blocks or backend.kv_capacity(cfg.block_size)
+        max_context = min(cfg.max_context or model_config.max_context, model_config.max_context)
+        backend.init_kv(num_blocks, cfg.block_size)
+        eos = set(model_config.eos_token_ids)
+        if tokenizer is not None:
+            eos |= set(tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_context=max_context,
+                block_size=cfg.block_size,
+                num_blocks=num_blocks,
+                enable_prefix_cache=cfg.enable_prefix_cache,
+            ),
+            eos_token_ids=self.eos_token_ids,
+        )
+        self.max_context = max_context
+        self._lock = threading.RLock()
+        self._seq_ids = itertools.count()
+        self._requests: dict[str, list[Request]] = {}
+        self._detok: dict[int, IncrementalDetokenizer | None] = {}
+
+    # -- requests -------------------------------------------------------------------------
+    def check_prompt(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Raises the typed errors the server turns into 400s; never truncates."""
+        if num_prompt_tokens == 0:
+            raise InvalidRequestError("the prompt is empty")
+        if num_prompt_tokens >= self.max_context:
+            raise ContextOverflowError(num_prompt_tokens, self.max_context)
+        if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > self.max_context:
+            raise ContextOverflowError(
+                num_prompt_tokens + params.max_tokens,
+                self.max_context,
+                what=f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({params.max_tokens})",
+            )
+
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> str:
+        prompt = list(prompt_token_ids)
+        self.check_prompt(len(prompt), params)
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        request_id = request_id or uuid.uuid4().hex
+        base_seed = params.seed if params.seed is not None else random.getrandbits(62)
+        with self._lock:
+            if request_id in self._requests:
+                raise InvalidRequestError(f"request id {request_id!r} is already running")
+            seqs: list[Request] = []
+            for i in range(params.n):
+                req = Request(
+                    request_id=request_id,
+                    seq_id=next(self._seq_ids),
+                    prompt_token_ids=prompt,
+                    params=params,
+                    seed=_choice_seed(base_seed, i),
+                    index=i,
+                    # forks wait for the first choice's prompt, then share its pages
+                    wait_for=seqs[0] if i > 0 else None,
+                )
+                seqs.append(req)
+                self._detok[req.seq_id] = self._make_detokenizer(req)
+                self.scheduler.add(req)
+            self._requests[request_id] = seqs
+        return request_id
+
+    def _make_detokenizer(self, req: Request) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(self.tokenizer, req.params, prompt_token_ids=req.prompt_token_ids)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            for req in self._requests.pop(request_id, []):
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+                self._detok.pop(req.seq_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self) -> list[SeqDelta]:
+        with self._lock:
+            plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        out = self.backend.execute(plan)
+        with self._lock:
+            events = self.scheduler.update(plan, out)
+            return self._deltas(events)
+
+    def _deltas(self, events: list[TokenEvent]) -> list[SeqDelta]:
+        deltas: list[SeqDelta] = []
+        for ev in events:
+            req = ev.request
+            if req.request_id not in self._requests:
+                continue
+            text = ""
+            det = self._detok.get(req.seq_id)
+            if det is not None:
+                res = det.feed(ev.token_id)
+                text = res.text_delta
+                if res.stopped and not req.finished:
+                    req.stop_reason = res.stop_reason
+                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                elif req.finished and not res.stopped:
+                    text += det.flush()
+            lp = None
+            if req.params.logprobs and ev.logprob is not None:
+                lp = [TokenLogprob(ev.token_id, ev.logprob, ev.top or [])]
+            if req.first_token_time is None:
+                req.first_token_time = time.monotonic()
+            deltas.append(
+                SeqDelta(
+                    request_id=req.request_id,
+                    index=req.index,
+                    token_ids=[ev.token_id],
+                    text=text,
+                    logprobs=lp,
+                    finish_reason=req.finish_reason,
+                    stop_reason=req.stop_reason,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    num_cached_tokens=max(req.num_cached_tokens, 0),
+                    num_output_tokens=len(req.output_token_ids),
+                )
+            )
+            if req.finished:
+                self._retire(req)
+        return deltas
+
+    def _retire(self, req: Request) -> None:
+        self._detok.pop(req.seq_id, None)
+        seqs = self._requests.get(req.request_id)
+        if seqs is not None and all(s.finished for s in seqs):
+            del self._requests[req.request_id]
+
+    # -- convenience ----------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]):
+        """Runs prompts to completion; returns per prompt the list of n finished Requests."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        seqs = {rid: list(self._requests[rid]) for rid in ids}
+        while self.has_unfinished():
+            self.step()
+        return [seqs[rid] for rid in ids]
+
+    def check_integrity(self) -> None:
+        with self._lock:
+            self.scheduler.check_integrity()
+
+
+def _choice_seed(seed: int, index: int) -> int:
+    if index == 0:
+        return seed
+    # splitmix64 of (seed, index): distinct, reproducible streams per choice
+    z = (seed + 0x9E3779B97F4A7C15 * (index + 1)) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x3FFFFFFFFFFFFFFF
