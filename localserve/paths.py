@@ -1,0 +1,28 @@
+"""Where localserve keeps its files (platformdirs; LOCALSERVE_HOME overrides the data dir)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP = "localserve"
+
+
+def data_dir() -> Path:
+    home = os.environ.get("LOCALSERVE_HOME")
+    path = Path(home) if home else Path(platformdirs.user_data_dir(APP))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_dir() -> Path:
+    home = os.environ.get("LOCALSERVE_HOME")
+    path = Path(home) / "cache" if home else Path(platformdirs.user_cache_dir(APP))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def config_dir() -> Path:
+    return Path(platformdirs.user_config_dir(APP))
