@@ -55,7 +55,28 @@ class GGMLTensor:
         return dequantize(self.raw, self.ggml_type, self.shape)
 
 
-HostTensor = Union[np.ndarray, GGMLTensor]
+@dataclass(slots=True)
+class RandomTensor:
+    """A tensor to be filled with seeded random values where it will live.
+
+    `random:<preset>` models use these so an 8B shape never materializes on the host:
+    a GPU backend draws it on the device; `materialize()` draws it on the host (small models,
+    tests). Values: normal(0, std), or all `fill` when fill is not None (norm weights).
+    """
+
+    shape: tuple[int, ...]
+    seed: int
+    std: float = 0.02
+    fill: float | None = None
+
+    def materialize(self) -> np.ndarray:
+        if self.fill is not None:
+            return np.full(self.shape, self.fill, dtype=np.float32)
+        rng = np.random.default_rng(self.seed)
+        return (rng.standard_normal(self.shape, dtype=np.float32) * self.std).astype(np.float32)
+
+
+HostTensor = Union[np.ndarray, GGMLTensor, RandomTensor]
 
 
 @dataclass(slots=True)
@@ -70,4 +91,6 @@ class LoadedWeights:
         t = self.tensors[name]
         if isinstance(t, GGMLTensor):
             return t.dequantize()
+        if isinstance(t, RandomTensor):
+            return t.materialize()
         return np.asarray(t, dtype=np.float32)
