@@ -9,7 +9,7 @@ from localserve.errors import InvalidRequestError
 
 @dataclass(slots=True)
 class SamplingParams:
-    max_tokens: int | None = 256  # None: until EOS or the context is full
+    max_tokens: int | None = None  # None: until EOS or the context is full
     temperature: float = 1.0  # 0 => greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 => off

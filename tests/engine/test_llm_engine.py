@@ -1,0 +1,110 @@
+"""LLMEngine and AsyncEngine over the toy backend."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from localserve.engine.async_engine import AsyncEngine
+from localserve.engine.llm_engine import EngineConfig, LLMEngine
+from localserve.engine.sampling_params import SamplingParams
+from localserve.errors import ContextOverflowError, InvalidRequestError
+from localserve.models.config import ModelConfig
+from tests.engine.toy_backend import ToyBackend, reference_generate
+
+VOCAB = 50
+CFG = ModelConfig(
+    architecture="llama", vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_layers=1,
+    num_heads=1, num_kv_heads=1, head_dim=8, max_context=96, rms_norm_eps=1e-6, rope_theta=1e4,
+    eos_token_ids=(0,),
+)
+
+
+def make_engine(num_blocks=64, **kw) -> LLMEngine:
+    return LLMEngine(ToyBackend(VOCAB, num_blocks), CFG, None, EngineConfig(block_size=4, **kw))
+
+
+def expected(prompt, params, seed):
+    return reference_generate(prompt, params, seed, VOCAB, {0}, CFG.max_context)
+
+
+def test_generate_matches_reference_and_frees_everything():
+    eng = make_engine()
+    p = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    prompts = [[1, 2, 3], list(range(5, 30)), [7] * 9]
+    results = eng.generate(prompts, p)
+    for prompt, (seq,) in zip(prompts, results):
+        assert seq.output_token_ids == expected(prompt, p, seq.seed)
+    eng.check_integrity()
+    kv = eng.scheduler.kv
+    assert kv.pool.num_free + kv.tree.num_pages == kv.num_blocks
+
+
+def test_n_choices_share_prompt_pages_and_same_seed_reproduces():
+    p = SamplingParams(max_tokens=8, temperature=1.0, seed=1234, n=3, ignore_eos=True)
+    prompt = list(range(1, 26))
+    (a,) = make_engine().generate([prompt], p)
+    (b,) = make_engine().generate([prompt], p)
+    assert [s.output_token_ids for s in a] == [s.output_token_ids for s in b]
+    assert len({tuple(s.output_token_ids) for s in a}) == 3
+    assert [s.num_cached_tokens for s in a] == [0, 24, 24]
+    for s in a:
+        assert s.output_token_ids == expected(prompt, p, s.seed)
+
+
+def test_context_overflow_is_a_typed_error_not_truncation():
+    eng = make_engine()
+    with pytest.raises(ContextOverflowError) as e:
+        eng.add_request(list(range(1, 40)) * 3, SamplingParams(max_tokens=1))
+    assert e.value.num_tokens == 117 and e.value.max_context == 96
+    with pytest.raises(ContextOverflowError):
+        eng.add_request([1, 2, 3], SamplingParams(max_tokens=94))
+    with pytest.raises(InvalidRequestError):
+        eng.add_request([], SamplingParams())
+    with pytest.raises(InvalidRequestError):
+        eng.add_request([VOCAB + 1], SamplingParams())
+    assert not eng.has_unfinished()
+
+
+def test_abort_mid_generation_releases_pages():
+    eng = make_engine(enable_prefix_cache=False)
+    rid = eng.add_request(list(range(1, 20)), SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    assert eng.scheduler.kv.pool.num_free < 64
+    eng.abort(rid)
+    assert eng.scheduler.kv.pool.num_free == 64
+    assert not eng.has_unfinished()
+    eng.check_integrity()
+
+
+def test_async_stream_and_cancel_frees_pages():
+    eng = make_engine(enable_prefix_cache=False)
+    aeng = AsyncEngine(eng)
+
+    async def main():
+        p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        toks = []
+        async for d in aeng.generate([3, 4, 5], p):
+            toks += d.token_ids
+            last = d
+        assert toks == expected([3, 4, 5], p, 0)
+        assert last.finish_reason == "length" and last.num_output_tokens == 12
+
+        long = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+        got = 0
+        gen = aeng.generate([1, 2, 3], long)
+        async for _ in gen:
+            got += 1
+            if got == 3:
+                break
+        await gen.aclose()  # what a disconnecting client's handler does
+        return got
+
+    try:
+        assert asyncio.run(main()) == 3
+        assert eng.scheduler.kv.pool.num_free == 64
+        assert not eng.has_unfinished()
+    finally:
+        aeng.shutdown()
