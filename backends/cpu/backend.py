@@ -1,0 +1,106 @@
+"""CPUBackend: the shared torch decoder on host memory.
+
+weight_format "dense" dequantizes every tensor to float32 (the reference path the
+correctness tests compare against HF); "auto" keeps weights quantized in torch's CPU
+weight-only kernels, which is what makes memory-bound decode fast on a small CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from localserve.backends.torch_common.attention import TorchPagedAttention
+from localserve.backends.torch_common.model import DecoderModel
+from localserve.backends.torch_common.sampling import sample
+from localserve.backends.torch_common.weights import WeightFormat, build_torch_weights
+from localserve.engine.backend import BackendConfig, Buckets, DeviceInfo
+from localserve.engine.plan import ForwardOutput, Plan
+from localserve.models.weights import LoadedWeights
+
+from .host import available_ram_bytes, physical_cores, total_ram_bytes
+
+# "auto" weight format: linears in int8 (per output row), the output layer in int4 groups
+# of 32 (it is most of the bytes a token reads). Measured in backends/cpu/README notes.
+AUTO_WEIGHT_FORMAT = "int8+int4"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CPUBackend:
+    name: ClassVar[str] = "cpu"
+
+    def __init__(self) -> None:
+        self.model: DecoderModel | None = None
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_dtype = torch.float32
+        self.cfg = BackendConfig()
+        self._decode = None  # compiled decode step, when cfg.compile asks for it
+        self._load_bytes = 0
+
+    @classmethod
+    def probe(cls) -> list[DeviceInfo]:
+        return [DeviceInfo(backend=cls.name, name=_cpu_name(), memory_bytes=total_ram_bytes())]
+
+    def load(self, model: LoadedWeights, cfg: BackendConfig) -> None:
+        self.cfg = cfg
+        torch.set_num_threads(cfg.num_threads or physical_cores())
+        dtype = _DTYPES.get(cfg.dtype, torch.float32)  # "auto": float32 activations
+        fmt_name = AUTO_WEIGHT_FORMAT if cfg.weight_format == "auto" else cfg.weight_format
+        before = available_ram_bytes()
+        weights = build_torch_weights(model, WeightFormat.parse(fmt_name), dtype)
+        mc = model.config
+        attention = TorchPagedAttention(
+            mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.scale,
+            mc.sliding_window if any(mc.layer_is_sliding) else None,
+        )
+        self.model = DecoderModel(mc, weights, attention, dtype)
+        self.kv_dtype = _DTYPES.get(cfg.kv_dtype, dtype)
+        self._load_bytes = max(0, before - available_ram_bytes())
+        self._decode = None
+
+    def kv_capacity(self, block_size: int) -> int:
+        assert self.model is not None, "load() first"
+        per_token = self.model.cfg.kv_bytes_per_token(torch.empty(0, dtype=self.kv_dtype).element_size())
+        budget = int(available_ram_bytes() * self.cfg.memory_utilization)
+        return max(0, budget // (per_token * block_size))
+
+    def init_kv(self, num_blocks: int, block_size: int) -> None:
+        assert self.model is not None, "load() first"
+        mc = self.model.cfg
+        shape = (mc.num_layers, 2, num_blocks * block_size, mc.num_kv_heads, mc.head_dim)
+        cache = torch.zeros(shape, dtype=self.kv_dtype)
+        self.kv = [(cache[i, 0], cache[i, 1]) for i in range(mc.num_layers)]
+
+    def shape_buckets(self) -> Buckets:
+        return Buckets()
+
+    @torch.inference_mode()
+    def execute(self, plan: Plan) -> ForwardOutput:
+        assert self.model is not None and self.kv, "load() and init_kv() first"
+        if plan.num_tokens == 0:
+            return ForwardOutput(token_ids=np.zeros(0, dtype=np.int64))
+        step = self.model.prepare(plan)
+        if self._decode is not None and plan.is_decode_only:
+            logits = self._decode(step, self.kv)
+        else:
+            logits = self.model.forward(step, self.kv)
+        return sample(logits, plan.sampling)
+
+    def close(self) -> None:
+        self.model = None
+        self.kv = []
+        self._decode = None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine

@@ -1,0 +1,159 @@
+"""Linear layers in the weight formats the torch backends compute with, and RMSNorm.
+
+Every linear takes activations in the model's compute dtype and returns that dtype; a
+quantized layer casts to the activation dtype its kernel wants internally. Weights are
+[out_features, in_features] (HF orientation), like the host tensors they are made from.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Weight formats a torch backend can hold a linear in.
+WEIGHT_FORMATS = ("dense", "int8", "int4")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / rms(x) * weight, computed in float32 (as HF does) and returned in x's dtype.
+
+    `weight` is the effective multiplier (gemma's 1 + w already folded in by the loader).
+    """
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return F.rms_norm(x.float(), weight.shape, weight.float(), eps).to(x.dtype)
+
+
+class DenseLinear:
+    """y = x @ W.T + b in the weight's dtype (float32 for the reference path, or bf16)."""
+
+    __slots__ = ("weight", "bias")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight.contiguous()
+        self.bias = bias
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype == w.dtype:
+            y = F.linear(x, w)
+        else:
+            y = F.linear(x.to(w.dtype), w).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class Int8Linear:
+    """Weight-only int8, symmetric per output row: W ≈ q[N,K] * scale[N].
+
+    Runs `aten._weight_int8pack_mm`, whose CPU kernel is only fast with bf16 activations.
+    """
+
+    __slots__ = ("qweight", "scales", "bias", "act_dtype")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 act_dtype: torch.dtype = torch.bfloat16) -> None:
+        w = weight.float()
+        amax = w.abs().amax(dim=1).clamp(min=1e-12)
+        scale = amax / 127.0
+        self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scales = scale.to(act_dtype)
+        self.bias = bias
+        self.act_dtype = act_dtype
+
+    @property
+    def out_features(self) -> int:
+        return int(self.qweight.shape[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales).to(x.dtype)
+        y = y.reshape(*shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        return self.qweight.numel() + self.scales.numel() * self.scales.element_size()
+
+
+class Int4Linear:
+    """Weight-only int4, asymmetric per group of `group_size` input columns.
+
+    Stored as torch's CPU tinygemm layout: q in [0, 15], W ≈ (q - 8) * scale + zero, with
+    [K/group, N, 2] (scale, zero) pairs; `aten._weight_int4pack_mm_for_cpu` wants bf16.
+    """
+
+    __slots__ = ("packed", "scales_and_zeros", "group_size", "bias", "act_dtype", "n")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 group_size: int = 32, act_dtype: torch.dtype = torch.bfloat16) -> None:
+        n, k = weight.shape
+        assert k % group_size == 0, f"in_features {k} not a multiple of group {group_size}"
+        wg = weight.float().reshape(n, k // group_size, group_size)
+        lo = wg.amin(dim=-1, keepdim=True)
+        hi = wg.amax(dim=-1, keepdim=True)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+        q = torch.round((wg - lo) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
+        zero = lo + 8.0 * scale
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+        self.scales_and_zeros = (
+            torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], dim=-1)
+            .contiguous()
+            .to(act_dtype)
+        )
+        self.group_size = group_size
+        self.bias = bias
+        self.act_dtype = act_dtype
+        self.n = n
+
+    @property
+    def out_features(self) -> int:
+        return self.n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.packed, self.group_size, self.scales_and_zeros
+        ).to(x.dtype)
+        y = y.reshape(*shape[:-1], self.n)
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + (
+            self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
+        )
+
+
+Linear = DenseLinear | Int8Linear | Int4Linear
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str,
+                dtype: torch.dtype) -> Linear:
+    """A linear layer holding `weight` (float, [out, in]) in format `fmt`.
+
+    Falls back to dense where the quantized kernel cannot take the shape (int4 needs
+    in_features divisible by the group and out_features by 8... see _int4_ok).
+    """
+    if bias is not None:
+        bias = bias.to(dtype)
+    if fmt == "int8":
+        return Int8Linear(weight, bias)
+    if fmt == "int4":
+        if _int4_ok(weight.shape, 32):
+            return Int4Linear(weight, bias, group_size=32)
+        return Int8Linear(weight, bias)
+    assert fmt == "dense", f"unknown weight format {fmt!r}"
+    return DenseLinear(weight.to(dtype), bias)
+
+
+def _int4_ok(shape: torch.Size, group_size: int) -> bool:
+    n, k = shape
+    # the CPU int4 pack kernel packs pairs along K and tiles N
+    return k % group_size == 0 and k % 2 == 0 and n % 8 == 0

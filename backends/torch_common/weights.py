@@ -1,0 +1,142 @@
+"""LoadedWeights (host numpy / GGML blocks / random specs) → torch layers in a chosen format.
+
+Projections that read the same input are fused here (q|k|v, gate|up) so a layer runs one
+matmul per input instead of three or two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from localserve.models.config import ModelConfig
+from localserve.models.weights import LoadedWeights
+
+from .layers import DenseLinear, Int8Linear, Linear, make_linear
+
+
+@dataclass(slots=True, frozen=True)
+class WeightFormat:
+    """Format per tensor class: `layers` for every block's linears, `lm_head` for the output."""
+
+    layers: str = "dense"
+    lm_head: str = "dense"
+
+    @classmethod
+    def parse(cls, name: str) -> "WeightFormat":
+        """"dense" | "int8" | "int4" | "<layers>+<lm_head>" (e.g. "int8+int4")."""
+        if "+" in name:
+            layers, head = name.split("+", 1)
+            return cls(layers, head)
+        return cls(name, name)
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    attn_norm: torch.Tensor
+    qkv: Linear
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o_proj: Linear
+    post_attn_norm: torch.Tensor | None
+    ffn_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+    post_ffw_norm: torch.Tensor | None
+
+
+class Embedding:
+    """Token embedding rows in the compute dtype, looked up from a dense or int8 table."""
+
+    def __init__(self, table: DenseLinear | Int8Linear, dtype: torch.dtype,
+                 scale: float | None) -> None:
+        self.table = table
+        self.dtype = dtype
+        # HF multiplies by the scale cast to the compute dtype (gemma: sqrt(hidden))
+        self.scale = None if scale is None else torch.tensor(scale, dtype=dtype)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        if isinstance(t, DenseLinear):
+            x = t.weight[ids].to(self.dtype)
+        else:
+            x = t.qweight[ids].to(self.dtype) * t.scales[ids].to(self.dtype)[:, None]
+        return x if self.scale is None else x * self.scale
+
+
+@dataclass(slots=True)
+class TorchWeights:
+    embed: Embedding
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor
+    lm_head: Linear
+
+    def nbytes(self) -> int:
+        total = self.lm_head.nbytes()
+        for lw in self.layers:
+            total += sum(x.nbytes() for x in (lw.qkv, lw.o_proj, lw.gate_up, lw.down))
+        return total
+
+
+def build_torch_weights(weights: LoadedWeights, fmt: WeightFormat,
+                        dtype: torch.dtype) -> TorchWeights:
+    cfg = weights.config
+
+    def dense(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(weights.dense(name), dtype=np.float32))
+
+    def opt(name: str) -> torch.Tensor | None:
+        return dense(name) if name in weights.tensors else None
+
+    def norm(name: str) -> torch.Tensor:
+        return dense(name).to(dtype)
+
+    def fused(names: list[str], with_bias: bool) -> Linear:
+        w = torch.cat([dense(n + ".weight") for n in names], dim=0)
+        bias = None
+        if with_bias:
+            parts = [opt(n + ".bias") for n in names]
+            rows = [dense(n + ".weight").shape[0] for n in names] if None in parts else []
+            bias = torch.cat([
+                p if p is not None else torch.zeros(rows[i]) for i, p in enumerate(parts)
+            ])
+        return make_linear(w, bias, fmt.layers, dtype)
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"blk.{i}."
+        layers.append(LayerWeights(
+            attn_norm=norm(p + "attn_norm.weight"),
+            qkv=fused([p + "attn_q", p + "attn_k", p + "attn_v"], cfg.qkv_bias),
+            q_norm=norm(p + "attn_q_norm.weight") if cfg.qk_norm else None,
+            k_norm=norm(p + "attn_k_norm.weight") if cfg.qk_norm else None,
+            o_proj=make_linear(dense(p + "attn_output.weight"), None, fmt.layers, dtype),
+            post_attn_norm=norm(p + "post_attention_norm.weight") if cfg.post_norms else None,
+            ffn_norm=norm(p + "ffn_norm.weight"),
+            gate_up=fused([p + "ffn_gate", p + "ffn_up"], False),
+            down=make_linear(dense(p + "ffn_down.weight"), None, fmt.layers, dtype),
+            post_ffw_norm=norm(p + "post_ffw_norm.weight") if cfg.post_norms else None,
+        ))
+    embed_w = dense("token_embd.weight")
+    lm_head, embed_table = _head_and_table(cfg, weights, embed_w, fmt.lm_head, dtype, dense)
+    return TorchWeights(
+        embed=Embedding(embed_table, dtype, cfg.embedding_scale),
+        layers=layers,
+        final_norm=norm("output_norm.weight"),
+        lm_head=lm_head,
+    )
+
+
+def _head_and_table(cfg: ModelConfig, weights: LoadedWeights, embed_w: torch.Tensor,
+                    head_fmt: str, dtype: torch.dtype, dense) -> tuple[Linear, DenseLinear | Int8Linear]:
+    """The output layer and the table embeddings are looked up from, sharing memory when tied."""
+    tied = cfg.tie_word_embeddings or "output.weight" not in weights.tensors
+    head_w = embed_w if tied else dense("output.weight")
+    head = make_linear(head_w, None, head_fmt, dtype)
+    if tied and isinstance(head, (DenseLinear, Int8Linear)):
+        return head, head
+    # int4 packing cannot be row-indexed: look up from an int8 copy (T rows per step)
+    table = make_linear(embed_w, None, "dense" if head_fmt == "dense" else "int8", dtype)
+    return head, table

@@ -1,0 +1,121 @@
+"""The `localserve` command. Each subcommand registers itself through one `add_<name>_parser`
+function that sets `func`; `main` only dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _csv_names(text: str) -> tuple[str, ...]:
+    from localserve.bench.config import FIGURE_GROUPS
+
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [n for n in names if n not in FIGURE_GROUPS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown figure(s) {bad}; choose from {', '.join(FIGURE_GROUPS)}")
+    return names
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from localserve.bench.config import FIGURE_GROUPS, BenchConfig
+
+    d = BenchConfig()
+    p = sub.add_parser(
+        "bench",
+        help="measure the engine in-process, side by side with llama.cpp",
+        description=(
+            "Measures localserve's engine in-process and llama.cpp (llama-cpp-python) on the same GGUF "
+            "with the same token ids: single-stream decode, prefill, aggregate throughput at N concurrent "
+            "requests, TTFT of a ~2k-token system prompt cold vs prefix hit, TTFT of a short prompt. "
+            "Medians of --repeats after a warm-up; the engines alternate within each repeat."
+        ),
+    )
+    p.add_argument("--model", default=None, help="model reference: a .gguf, an HF folder or random:NAME "
+                   "(default: the embedded Gemma 3 270M GGUF)")
+    p.add_argument("--backend", default=d.backend, help="localserve backend (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for both engines (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="measured repeats per figure (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="unmeasured runs first (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="prompt text seed (default: %(default)s)")
+    p.add_argument("--only", type=_csv_names, default=d.only,
+                   help=f"comma-separated subset of: {','.join(FIGURE_GROUPS)} (default: all)")
+    p.add_argument("--no-peer", dest="peer", action="store_false", help="measure localserve only")
+    p.add_argument("--peer-ctx", type=int, default=d.peer_ctx, help="llama.cpp n_ctx (default: %(default)s)")
+    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="decode stream length (default: %(default)s)")
+    p.add_argument("--prefill-tokens", type=int, default=d.prefill_tokens, help="prefill prompt length (default: %(default)s)")
+    p.add_argument("--concurrency", type=_csv_ints, default=d.concurrency,
+                   help="concurrent request counts (default: %s)" % ",".join(map(str, d.concurrency)))
+    p.add_argument("--concurrent-tokens", type=int, default=d.concurrent_tokens,
+                   help="tokens per concurrent request (default: %(default)s)")
+    p.add_argument("--prefix-tokens", type=int, default=d.prefix_tokens,
+                   help="shared system prompt length (default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="localserve engine max_num_seqs")
+    p.add_argument("--num-blocks", type=int, default=None, help="localserve KV blocks (default: what fits)")
+    p.add_argument("--json", metavar="PATH", help="write every raw figure and the machine info here")
+    p.add_argument("--markdown", action="store_true", help="also print a markdown table for BENCHMARKS.md")
+    p.add_argument("--from-json", metavar="PATH", help="render a saved --json result instead of measuring")
+    p.set_defaults(func=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from localserve.bench.config import BenchConfig
+    from localserve.bench.report import markdown_table, text_table
+    from localserve.bench.suite import BenchResult, run_bench
+
+    if args.from_json:
+        result = BenchResult.read_json(args.from_json)
+    else:
+        try:
+            cfg = BenchConfig(
+                model=args.model, backend=args.backend, threads=args.threads, repeats=args.repeats,
+                warmup=args.warmup, seed=args.seed, only=args.only, peer=args.peer, peer_ctx=args.peer_ctx,
+                decode_tokens=args.decode_tokens, prefill_tokens=args.prefill_tokens,
+                concurrency=args.concurrency, concurrent_tokens=args.concurrent_tokens,
+                prefix_tokens=args.prefix_tokens, max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks,
+            )
+        except ValueError as exc:
+            print(f"localserve bench: {exc}", file=sys.stderr)
+            return 2
+        result = run_bench(cfg)
+    print(text_table(result))
+    if args.markdown:
+        print()
+        print(markdown_table(result))
+    if args.json:
+        result.write_json(args.json)
+        print(f"\nraw figures written to {args.json}", file=sys.stderr)
+    return 0
+
+
+# one registration function per subcommand; `up`, `pull`, ... add theirs here
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_bench_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localserve", description="A local LLM server and its tools.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in SUBCOMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
