@@ -160,10 +160,15 @@ class LLMEngine:
             if det is not None:
                 res = det.feed(ev.token_id)
                 text = res.text_delta
-                if res.stopped and not req.finished:
-                    req.stop_reason = res.stop_reason
-                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-                elif req.finished and not res.stopped:
+                if res.stopped:
+                    if not req.finished:
+                        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                    elif isinstance(res.stop_reason, str):
+                        # a stop string completed on the very token that hit max_tokens
+                        req.status = RequestStatus.FINISHED_STOPPED
+                    if res.stop_reason is not None:
+                        req.stop_reason = res.stop_reason
+                elif req.finished:
                     text += det.flush()
             lp = None
             if req.params.logprobs and ev.logprob is not None:

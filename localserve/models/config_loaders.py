@@ -197,7 +197,9 @@ def config_from_hf(
     )
     if arch == "gemma3":
         gemma = _hf_gemma3(cfg, num_layers, hidden, int(head_dim))
-        return ModelConfig(**common, **gemma, rope_local_theta=float(local_rope.get("rope_theta", GEMMA3_ROPE_LOCAL_THETA)))
+        return ModelConfig(
+            **common, **gemma, rope_local_theta=float(local_rope.get("rope_theta", GEMMA3_ROPE_LOCAL_THETA))
+        )
     sliding = cfg.get("sliding_window")
     # qwen2 configs carry a sliding_window that is off unless use_sliding_window
     if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):

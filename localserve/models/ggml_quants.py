@@ -46,9 +46,7 @@ def dequantize(raw: np.ndarray, ggml_type: str, shape: Sequence[int]) -> np.ndar
     n_values = prod(shape)
     data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     if n_values % block_size or data.size != n_values // block_size * type_size:
-        raise ValueError(
-            f"{kind}: {data.size} bytes do not hold {n_values} values of shape {shape}"
-        )
+        raise ValueError(f"{kind}: {data.size} bytes do not hold {n_values} values of shape {shape}")
     if kind == "F32":
         return data.view(np.float32).reshape(shape).copy()
     blocks = data.reshape(-1, type_size)

@@ -32,8 +32,32 @@ _MAX_COUNT = 1 << 24
 _MAX_DIMS = 4
 
 # GGUF value types -> struct format of one scalar
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_NUMPY = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -195,7 +219,9 @@ class GGUFFile:
         return version, metadata, infos, data_offset
 
     @staticmethod
-    def _tensor_info(name: str, ne: list[int], type_id: int, offset: int, alignment: int, rel: int) -> TensorInfo:
+    def _tensor_info(
+        name: str, ne: list[int], type_id: int, offset: int, alignment: int, rel: int
+    ) -> TensorInfo:
         try:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:

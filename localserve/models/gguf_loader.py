@@ -28,7 +28,17 @@ def expected_tensor_names(cfg: ModelConfig) -> list[str]:
     names = ["token_embd.weight", "output_norm.weight"]
     if not cfg.tie_word_embeddings:
         names.append("output.weight")
-    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    per_layer = [
+        "attn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_norm",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ]
     if cfg.qk_norm:
         per_layer += ["attn_q_norm", "attn_k_norm"]
     if cfg.post_norms:
@@ -136,6 +146,12 @@ def llama3_freq_divisors(head_dim: int, theta: float, s: RopeScaling) -> np.ndar
     wavelen = 2 * np.pi / freqs
     low_wavelen = s.original_max_position / s.low_freq_factor
     high_wavelen = s.original_max_position / s.high_freq_factor
-    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    out = np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, s.factor, 1 / ((1 - smooth) / s.factor + smooth)))
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    out = np.where(
+        wavelen < high_wavelen,
+        1.0,
+        np.where(wavelen > low_wavelen, s.factor, 1 / ((1 - smooth) / s.factor + smooth)),
+    )
     return out.astype(np.float32)

@@ -31,7 +31,9 @@ def load_weights(ref: str | os.PathLike) -> LoadedWeights:
 
             return load_gguf(path)
         raise ModelLoadError(ref, "not a GGUF file (bad magic) and not a Hugging Face folder")
-    raise ModelLoadError(ref, "no such file or folder (expected a .gguf file, an HF folder or random:<preset>)")
+    raise ModelLoadError(
+        ref, "no such file or folder (expected a .gguf file, an HF folder or random:<preset>)"
+    )
 
 
 def _has_gguf_magic(path: Path) -> bool:

@@ -27,7 +27,9 @@ def inv_freq(cfg: ModelConfig, sliding: bool) -> np.ndarray:
         return f / s.factor
     wavelen = 2 * np.pi / f
     low, high = s.original_max_position / s.low_freq_factor, s.original_max_position / s.high_freq_factor
-    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
     mid = (1 - smooth) * f / s.factor + smooth * f
     return np.where(wavelen < high, f, np.where(wavelen > low, f / s.factor, mid))
 

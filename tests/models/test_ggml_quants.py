@@ -123,7 +123,9 @@ def test_fallback_types_decode():
     blocks[:, :2] = np.array([0.01] * 4, np.float16).reshape(4, 1).view(np.uint8)
     out = dequantize(blocks, "IQ4_NL", (2, 64))
     assert out.shape == (2, 64) and out.dtype == np.float32 and np.isfinite(out).all()
-    np.testing.assert_array_equal(out.reshape(-1), gq.dequantize(blocks, GGMLQuantizationType.IQ4_NL).reshape(-1))
+    np.testing.assert_array_equal(
+        out.reshape(-1), gq.dequantize(blocks, GGMLQuantizationType.IQ4_NL).reshape(-1)
+    )
 
 
 @pytest.mark.slow
@@ -133,9 +135,11 @@ def test_embedding_sized_q8_0_is_fast():
     raw = rng.integers(-127, 128, (rows, cols // 32 * 34), dtype=np.int8).view(np.uint8)
     raw.reshape(-1, 34)[:, :2] = np.float16(0.01).reshape(1, 1).view(np.uint8)
     best = float("inf")
-    for _ in range(2):  # the first run also pays for faulting in 670 MB of fresh memory
-        t0 = time.perf_counter()
+    # CPU time, not wall time: the CI machine's 2 cores are shared with other test processes.
+    # The first run also pays for faulting in 670 MB of fresh memory.
+    for _ in range(3):
+        t0 = time.process_time()
         out = dequantize(raw, "Q8_0", (rows, cols))
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
         del out
-    assert best < 1.5, f"Q8_0 dequantization of the embedding took {best:.2f} s"
+    assert best < 1.0, f"Q8_0 dequantization of the embedding took {best:.2f} s of CPU time"

@@ -228,7 +228,10 @@ def test_llama_qk_rows_are_unpermuted(tmp_path):
     for name, kind in quant.items():
         t = got.tensors[name]
         assert isinstance(t, GGMLTensor) and t.ggml_type == kind
-        want = gguf.quants.dequantize(gguf.quants.quantize(w.dense(name), gguf.GGMLQuantizationType[kind]), gguf.GGMLQuantizationType[kind])
+        want = gguf.quants.dequantize(
+            gguf.quants.quantize(w.dense(name), gguf.GGMLQuantizationType[kind]),
+            gguf.GGMLQuantizationType[kind],
+        )
         np.testing.assert_array_equal(t.dequantize(), want)
 
 
@@ -265,11 +268,25 @@ def test_hf_llama_through_gguf_matches_transformers(tmp_path):
     from localserve.models.hf_loader import load_hf_folder
 
     torch.manual_seed(0)
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192}
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      max_position_embeddings=65536, rope_theta=500000.0, rope_scaling=rope)
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=65536,
+        rope_theta=500000.0,
+        rope_scaling=rope,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(tmp_path / "hf")
     hf = load_hf_folder(tmp_path / "hf")

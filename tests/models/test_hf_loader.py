@@ -19,15 +19,28 @@ from tests.models.numpy_reference import forward
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+)
 
 
 def _make(arch: str):
     t = transformers
     if arch == "llama":
-        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64}
+        rope = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
         return t.LlamaForCausalLM(t.LlamaConfig(**SMALL, rope_theta=500000.0, rope_scaling=rope))
     if arch == "mistral":
         return t.MistralForCausalLM(t.MistralConfig(**SMALL, sliding_window=None))
@@ -36,8 +49,13 @@ def _make(arch: str):
     if arch == "qwen3":
         return t.Qwen3ForCausalLM(t.Qwen3Config(**SMALL, tie_word_embeddings=True))
     if arch == "gemma3":
-        cfg = t.Gemma3TextConfig(**{**SMALL, "num_hidden_layers": 6}, sliding_window=4, query_pre_attn_scalar=24,
-                                 rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_local_base_freq=100.0)
+        cfg = t.Gemma3TextConfig(
+            **{**SMALL, "num_hidden_layers": 6},
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+            rope_local_base_freq=100.0,
+        )
         return t.Gemma3ForCausalLM(cfg)
     raise AssertionError(arch)
 
@@ -88,7 +106,9 @@ def test_gemma3_norms_get_plus_one_and_names_map(tmp_path):
     }
     for ours, theirs in pairs.items():
         np.testing.assert_allclose(w.dense(ours), sd[theirs] + 1.0, rtol=1e-6)
-    np.testing.assert_array_equal(w.dense("blk.1.attn_q.weight"), sd["model.layers.1.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(
+        w.dense("blk.1.attn_q.weight"), sd["model.layers.1.self_attn.q_proj.weight"]
+    )
     c = w.config
     assert c.tie_word_embeddings and "output.weight" not in w.tensors
     assert c.layer_is_sliding == (True,) * 5 + (False,) and c.sliding_window == 4
@@ -101,7 +121,9 @@ def test_llama_norm_names_and_config(tmp_path):
     model = _saved("llama", tmp_path)
     w = load_hf_folder(tmp_path)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    np.testing.assert_array_equal(w.dense("blk.1.ffn_norm.weight"), sd["model.layers.1.post_attention_layernorm.weight"])
+    np.testing.assert_array_equal(
+        w.dense("blk.1.ffn_norm.weight"), sd["model.layers.1.post_attention_layernorm.weight"]
+    )
     np.testing.assert_array_equal(w.dense("output.weight"), sd["lm_head.weight"])
     c = w.config
     assert c.rope_scaling.kind == "llama3" and c.rope_scaling.original_max_position == 64
@@ -123,34 +145,67 @@ def test_bf16_and_sharded_checkpoints(tmp_path):
 
 
 def test_multimodal_prefixes_map_to_text_names():
-    assert hf_to_canonical("language_model.model.layers.3.mlp.up_proj.weight", "gemma3") == "blk.3.ffn_up.weight"
+    assert (
+        hf_to_canonical("language_model.model.layers.3.mlp.up_proj.weight", "gemma3") == "blk.3.ffn_up.weight"
+    )
     assert hf_to_canonical("model.language_model.embed_tokens.weight", "gemma3") == "token_embd.weight"
     assert hf_to_canonical("model.language_model.norm.weight", "gemma3") == "output_norm.weight"
-    assert hf_to_canonical("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "gemma3") is None
+    assert (
+        hf_to_canonical("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "gemma3") is None
+    )
     assert hf_to_canonical("multi_modal_projector.mm_input_projection_weight", "gemma3") is None
-    assert hf_to_canonical("model.layers.0.post_attention_layernorm.weight", "gemma3") == "blk.0.post_attention_norm.weight"
-    assert hf_to_canonical("model.layers.0.post_attention_layernorm.weight", "qwen2") == "blk.0.ffn_norm.weight"
+    assert (
+        hf_to_canonical("model.layers.0.post_attention_layernorm.weight", "gemma3")
+        == "blk.0.post_attention_norm.weight"
+    )
+    assert (
+        hf_to_canonical("model.layers.0.post_attention_layernorm.weight", "qwen2") == "blk.0.ffn_norm.weight"
+    )
     assert hf_to_canonical("model.layers.0.self_attn.rotary_emb.inv_freq", "llama") is None
 
 
 def test_gemma3_multimodal_config_uses_text_config():
-    cfg = config_from_hf({
-        "model_type": "gemma3", "eos_token_id": [1, 106],
-        "text_config": {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 4,
-                        "num_hidden_layers": 12, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 300,
-                        "intermediate_size": 128, "sliding_window_pattern": 6, "sliding_window": 1024,
-                        "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "query_pre_attn_scalar": 16},
-        "vision_config": {},
-    })
+    cfg = config_from_hf(
+        {
+            "model_type": "gemma3",
+            "eos_token_id": [1, 106],
+            "text_config": {
+                "model_type": "gemma3_text",
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_hidden_layers": 12,
+                "num_key_value_heads": 1,
+                "head_dim": 16,
+                "vocab_size": 300,
+                "intermediate_size": 128,
+                "sliding_window_pattern": 6,
+                "sliding_window": 1024,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                "query_pre_attn_scalar": 16,
+            },
+            "vision_config": {},
+        }
+    )
     assert cfg.architecture == "gemma3" and cfg.eos_token_ids == (1, 106)
     assert [i for i, s in enumerate(cfg.layer_is_sliding) if not s] == [5, 11]
     assert cfg.rope_local_theta == 10_000.0 and cfg.rope_scaling.factor == 8.0
 
 
 def test_eos_from_generation_config_and_lists():
-    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-            "vocab_size": 300, "intermediate_size": 128, "eos_token_id": 128001}
-    assert config_from_hf(base, {"eos_token_id": [128001, 128008, 128009]}).eos_token_ids == (128001, 128008, 128009)
+    base = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 300,
+        "intermediate_size": 128,
+        "eos_token_id": 128001,
+    }
+    assert config_from_hf(base, {"eos_token_id": [128001, 128008, 128009]}).eos_token_ids == (
+        128001,
+        128008,
+        128009,
+    )
     assert config_from_hf({**base, "eos_token_id": [5, 6]}).eos_token_ids == (5, 6)
 
 

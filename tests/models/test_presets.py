@@ -23,7 +23,13 @@ def test_llama_3_1_8b_shapes():
     assert (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (4096, 32, 32, 8, 128)
     assert (c.intermediate_size, c.vocab_size, c.rope_theta) == (14336, 128256, 500000.0)
     s = c.rope_scaling
-    assert (s.kind, s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position) == ("llama3", 8.0, 1.0, 4.0, 8192)
+    assert (s.kind, s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position) == (
+        "llama3",
+        8.0,
+        1.0,
+        4.0,
+        8192,
+    )
     assert not c.tie_word_embeddings and w.tensors["output.weight"].shape == (128256, 4096)
     assert w.tensors["blk.31.attn_k.weight"].shape == (1024, 4096)
     assert w.tensors["blk.0.ffn_down.weight"].shape == (4096, 14336)
@@ -43,7 +49,14 @@ def test_qwen3_0_6b_shapes():
 def test_gemma_3_270m_matches_the_default_model_facts():
     w = load_weights("random:gemma-3-270m")
     c = w.config
-    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == (18, 640, 4, 1, 256, 262144)
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == (
+        18,
+        640,
+        4,
+        1,
+        256,
+        262144,
+    )
     assert [i for i, s in enumerate(c.layer_is_sliding) if not s] == [5, 11, 17]
     assert (c.sliding_window, c.rope_local_theta, c.rope_theta) == (512, 10_000.0, 1e6)
     assert c.qk_norm and c.post_norms and c.tie_word_embeddings and c.hidden_act == "gelu_tanh"

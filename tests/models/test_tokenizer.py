@@ -147,12 +147,23 @@ def test_gemma_special_tokens(gemma_tok):
 
 
 @pytest.mark.slow
-def test_gemma_cache_makes_second_load_fast(default_gguf, gemma_tok, tokenizer_cache):
+def test_gemma_cache_makes_second_load_fast(default_gguf, gemma_tok, tokenizer_cache, monkeypatch):
+    from localserve.models import gguf_tokenizer
+
     assert any(p.name.startswith(default_gguf.stem) for p in tokenizer_cache.iterdir())
-    t0 = time.perf_counter()
-    again = Tokenizer.from_gguf(default_gguf, cache_dir=tokenizer_cache)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 1.0, f"cached load took {elapsed:.2f}s"
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a cache hit must neither read the GGUF vocabulary nor convert it")
+
+    monkeypatch.setattr(gguf_tokenizer.GGUFVocab, "read", no_conversion)
+    monkeypatch.setattr(gguf_tokenizer, "build_tokenizer", no_conversion)
+    # CPU time, best of two: the wall clock on a shared 2-core box measures the neighbours
+    timings = []
+    for _ in range(2):
+        t0 = time.process_time()
+        again = Tokenizer.from_gguf(default_gguf, cache_dir=tokenizer_cache)
+        timings.append(time.process_time() - t0)
+    assert min(timings) < 1.0, f"cached load took {timings} s of CPU"
     for text in TEXTS[:20]:
         assert again.encode(text) == gemma_tok.encode(text)
     assert again.eos_token_ids == gemma_tok.eos_token_ids
