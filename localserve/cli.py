@@ -59,7 +59,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix-tokens", type=int, default=d.prefix_tokens,
                    help="shared system prompt length (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="localserve engine max_num_seqs")
-    p.add_argument("--num-blocks", type=int, default=None, help="localserve KV blocks (default: what fits)")
+    p.add_argument("--num-blocks", type=int, default=None, help="localserve KV blocks (default: 4x what the workload holds at once, at least 8k tokens)")
     p.add_argument("--json", metavar="PATH", help="write every raw figure and the machine info here")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table for BENCHMARKS.md")
     p.add_argument("--from-json", metavar="PATH", help="render a saved --json result instead of measuring")

@@ -73,6 +73,16 @@ def test_config_rejects_unknown_figure():
         BenchConfig(only=("decode", "nope"))
 
 
+def test_foreign_cpu_meter_sees_another_busy_process():
+    from localserve.bench.machine import ForeignCpuMeter
+
+    meter = ForeignCpuMeter()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.0: pass"],
+                   check=True, timeout=60)
+    share = meter.foreign_share()
+    assert share is not None and 0.2 < share <= 1.0
+
+
 # -- CLI -------------------------------------------------------------------------------------------
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as exc:
@@ -117,6 +127,7 @@ def test_bench_on_random_tiny_llama(tmp_path, capsys):
     # the hit reuses the shared system prompt; the cold run reuses nothing past BOS
     assert all(d["cached_tokens"] == 0 for d in by_key["prefix_cold"]["details"]["localserve"])
     assert all(d["cached_tokens"] >= 64 for d in by_key["prefix_hit"]["details"]["localserve"])
+    assert all(fig["foreign_cpu"] is None or 0.0 <= fig["foreign_cpu"] <= 1.0 for fig in data["figures"])
     m = data["machine"]
     assert m["cpu_model"] and m["logical_cores"] >= 1 and m["torch"] and m["date"]
     assert any("llama.cpp not measured" in n for n in data["notes"])
@@ -125,10 +136,12 @@ def test_bench_on_random_tiny_llama(tmp_path, capsys):
     assert "| figure | localserve | llama.cpp | ratio |" in capsys.readouterr().out
 
 
-def test_only_subset(tmp_path):
-    path = tmp_path / "b.json"
-    assert main(TINY_ARGS + ["--only", "decode", "--repeats", "1", "--json", str(path)]) == 0
-    assert [f["key"] for f in json.loads(path.read_text())["figures"]] == ["decode"]
+def test_only_picks_the_probes():
+    from localserve.bench.figures import build_probes
+
+    keys = [f.key for p in build_probes(BenchConfig(only=("decode", "concurrent"), concurrency=(4, 16)))
+            for f in p.figures()]
+    assert keys == ["decode", "concurrent_4", "concurrent_16"]
 
 
 @pytest.mark.slow

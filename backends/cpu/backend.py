@@ -21,11 +21,14 @@ from localserve.engine.backend import BackendConfig, Buckets, DeviceInfo
 from localserve.engine.plan import ForwardOutput, Plan
 from localserve.models.weights import LoadedWeights
 
+from .compiled import CompiledDecode
 from .host import available_ram_bytes, physical_cores, total_ram_bytes
 
 # "auto" weight format: linears in int8 (per output row), the output layer in int4 groups
 # of 32 (it is most of the bytes a token reads). Measured in backends/cpu/README notes.
 AUTO_WEIGHT_FORMAT = "int8+int4"
+# "auto" compile: whether decode steps run through torch.compile (see compiled.py)
+AUTO_COMPILE = False
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,7 +40,7 @@ class CPUBackend:
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kv_dtype = torch.float32
         self.cfg = BackendConfig()
-        self._decode = None  # compiled decode step, when cfg.compile asks for it
+        self._decode: CompiledDecode | None = None
         self._load_bytes = 0
 
     @classmethod
@@ -59,7 +62,8 @@ class CPUBackend:
         self.model = DecoderModel(mc, weights, attention, dtype)
         self.kv_dtype = _DTYPES.get(cfg.kv_dtype, dtype)
         self._load_bytes = max(0, before - available_ram_bytes())
-        self._decode = None
+        use_compile = cfg.compile == "on" or (cfg.compile == "auto" and AUTO_COMPILE)
+        self._decode = CompiledDecode(self.model) if use_compile else None
 
     def kv_capacity(self, block_size: int) -> int:
         assert self.model is not None, "load() first"

@@ -2,24 +2,22 @@
 
 `sample(logits [S, V], rows) -> ForwardOutput`, in vLLM v1's order: logprobs of the raw logits;
 logit_bias; repetition, frequency and presence penalties; greedy rows take the argmax; the other
-rows divide by their temperature, keep the tokens that min_p, top_k and top_p allow (top_p over the
-distribution renormalised after the other two) and draw by inverse CDF.
+rows divide by their temperature, keep the tokens that min_p, top_k and top_p allow (top_p over
+the distribution renormalised after the other two) and draw by inverse CDF.
 
-Kept-set semantics: each filter keeps {v : p_v >= theta} for one threshold per row, so ties at a cut
-are all kept (vLLM keeps top-k ties too; its top-p keeps whichever tied tokens its sort put first).
-The kept tokens are walked in vocabulary order when drawing, so the token a uniform selects does not
-depend on how a sort ordered ties, nor on which strategy found theta.
+Kept-set semantics: each filter keeps {v : p_v >= theta} for one threshold per row, so ties at a
+cut are all kept (vLLM keeps top-k ties too; its top-p keeps whichever tied tokens its sort put
+first). Kept tokens are walked in vocabulary order when drawing, so the token a uniform selects
+depends neither on how a sort ordered ties nor on which route found theta.
 
-Randomness: one uniform per row, a splitmix64 hash of (seed, step, draw) computed on the host, so a
-row's token depends on its own logits, parameters, seed and step only, never on the batch.
+Randomness: one uniform per row, a splitmix64 hash of (seed, step, draw) computed on the host, so
+a row's token depends on its own logits, parameters, seed and step only, never on the batch.
 
-Strategies for theta. On an accelerator (`exact_sort`): one sort of the filtered rows, no
-data-dependent host sync. On CPU a sort of 262144 floats costs ~40 ms, so the top
-`_CANDIDATES` probabilities (topk) settle min_p/top_k/top_p whenever the cut lies among them
-(the usual case for a trained model); a nucleus wider than that is drawn by rejection: propose from
-the min_p/top_k-filtered distribution and accept iff the token's exclusive mass from the top is below
-top_p (exact, accepted with probability >= top_p). A row still unresolved after `_MAX_DRAWS` falls
-back to the sort.
+Routes to theta. On an accelerator (`exact_sort`): one sort of the rows, no data-dependent host
+sync. On CPU a sort of 262144 floats costs ~40 ms, so: top_k rows and small-top_p rows read theta
+off their top `_CANDIDATES` probabilities (block-wise topk); other top_p rows draw by rejection:
+propose from the row and accept iff the mass strictly above the token is below top_p (exact; each
+draw accepted with probability >= top_p); a row still unresolved after `_MAX_DRAWS` is sorted.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from localserve.backends.torch_common import sampling_kernels as K
 from localserve.engine.plan import ForwardOutput, SamplingRow
 from localserve.errors import InvalidRequestError
 
@@ -38,23 +37,6 @@ _GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below it are greedy
 _CANDIDATES = 256
 _MAX_DRAWS = 64
 _REJECTION_MIN_TOP_P = 0.25  # below it a nucleus is likely narrow: try the candidates first
-_BLOCK = 1024  # block size of the two-level inverse CDF
-_M64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def _mix64(z: int) -> int:
-    """splitmix64's finaliser: a bijection on 64-bit ints with full avalanche."""
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
-def uniform(seed: int, step: int, draw: int = 0) -> float:
-    """A uniform in [0, 1) that is a pure function of (seed, step, draw)."""
-    h = _mix64((_mix64(seed & _M64) + (step + 1) * _GOLDEN) & _M64)
-    h = _mix64((h + draw * _GOLDEN) & _M64)
-    return (h >> 11) * (1.0 / (1 << 53))
 
 
 @dataclass(slots=True)
@@ -93,16 +75,15 @@ class BatchParams:
         )
 
     def uniforms(self, rows: np.ndarray, draw: int = 0) -> np.ndarray:
-        return np.array([uniform(self.seed[i], self.step[i], draw) for i in rows])
+        return np.array([K.uniform(self.seed[i], self.step[i], draw) for i in rows])
 
 
 def sample(
     logits: torch.Tensor, rows: Sequence[SamplingRow], *, exact_sort: bool | None = None
 ) -> ForwardOutput:
-    """Sample one token per row of `logits` [S, V] (fp32 or bf16, any device).
-
-    Only the [S] token ids (and [S] / [S, K] logprobs when a row asks) are copied to the host.
-    `exact_sort` picks the threshold strategy; default: sort on accelerators, topk on CPU.
+    """Sample one token per row of `logits` [S, V] (fp32 or bf16, any device); logits is not
+    modified. Only the [S] token ids (and [S] / [S, K] logprobs when a row asks) reach the host.
+    `exact_sort` picks the route to the thresholds; default: sort on accelerators only.
     """
     assert logits.ndim == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
     num_rows, vocab_size = logits.shape
@@ -111,31 +92,29 @@ def sample(
     if exact_sort is None:
         exact_sort = logits.device.type != "cpu"
     batch = BatchParams.from_rows(rows, vocab_size)
-    raw = logits if logits.dtype == torch.float32 else logits.float()
-    wants_logprobs = bool((batch.num_logprobs >= 0).any())
     modified = bool(batch.penalised.any() or batch.biased.any())
 
     if batch.greedy.all() and not modified:  # fast path: no [S, V] work but the argmax
-        token_ids = raw.argmax(dim=-1)
+        token_ids = K.argmax(logits)
     else:
-        x = raw
+        x = logits
         if modified:
-            # raw stays intact for the logprobs; a bf16 input's fp32 copy is ours to modify
-            x = raw.clone() if (raw is logits or wants_logprobs) else raw
+            x = logits.float()
+            x = x.clone() if x is logits else x
             _apply_logit_bias(x, rows, np.flatnonzero(batch.biased))
-            _apply_penalties(x, rows, batch, np.flatnonzero(batch.penalised))
+            _apply_penalties(x, rows, np.flatnonzero(batch.penalised))
         token_ids = torch.empty(num_rows, dtype=torch.long, device=logits.device)
         greedy_idx = np.flatnonzero(batch.greedy)
         random_idx = np.flatnonzero(~batch.greedy)
         if len(greedy_idx):
-            token_ids[_index(greedy_idx, x)] = _take(x, greedy_idx).argmax(dim=-1)
+            sel = _index(greedy_idx, x)
+            token_ids[sel] = K.argmax(x, None if len(greedy_idx) == num_rows else sel)
         if len(random_idx):
-            token_ids[_index(random_idx, x)] = _sample_random(
-                _take(x, random_idx), batch, random_idx, exact_sort
-            )
+            probs = _probabilities(x, random_idx, batch.temperature[random_idx])
+            token_ids[_index(random_idx, x)] = _sample_random(probs, batch, random_idx, exact_sort)
     out = ForwardOutput(token_ids=token_ids.cpu().numpy().astype(np.int64, copy=False))
-    if wants_logprobs:
-        _fill_logprobs(out, raw, token_ids, batch)
+    if (batch.num_logprobs >= 0).any():
+        _fill_logprobs(out, logits, token_ids, batch)
     return out
 
 
@@ -145,19 +124,30 @@ def penalized_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
     batch = BatchParams.from_rows(rows, logits.shape[1])
     x = logits.float().clone()
     _apply_logit_bias(x, rows, np.flatnonzero(batch.biased))
-    _apply_penalties(x, rows, batch, np.flatnonzero(batch.penalised))
+    _apply_penalties(x, rows, np.flatnonzero(batch.penalised))
     return x
 
 
 def _index(idx: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(idx).to(like.device)
+    return torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)).to(like.device)
 
 
-def _take(x: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
-    """Rows idx of x, without a copy when idx is every row in order."""
-    if len(idx) == x.shape[0] and (idx == np.arange(len(idx))).all():
-        return x
-    return x.index_select(0, _index(idx, x))
+def _t(a: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """Host array to device; float64 becomes float32, the dtype every comparison here uses."""
+    a = np.asarray(a)
+    if a.dtype == np.float64:
+        a = a.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
+
+def _col(a: torch.Tensor, cols: np.ndarray) -> torch.Tensor:
+    """a[i, cols[i]] for every row i."""
+    return a.gather(1, _t(cols, a.device)[:, None]).squeeze(1)
+
+
+def _below(theta: float) -> float:
+    """The float32 just below theta: F.threshold keeps p > it, i.e. p >= theta."""
+    return float(np.nextafter(np.float32(theta), np.float32(-np.inf)))
 
 
 # ----------------------------------------------------------------------------- bias, penalties
@@ -173,31 +163,31 @@ def _apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingRow], idx: np.ndar
         t.extend(int(tok) for tok in bias)
         b.extend(float(v) for v in bias.values())
     toks = np.array(t, dtype=np.int64)
-    if toks.min() < 0 or toks.max() >= x.shape[1]:
-        bad = int(toks[(toks < 0) | (toks >= x.shape[1])][0])
-        raise InvalidRequestError(f"logit_bias token {bad} is outside the vocabulary [0, {x.shape[1]})")
-    rows_t = _index(np.array(r, dtype=np.int64), x)
-    x.index_put_((rows_t, _index(toks, x)), torch.tensor(b, dtype=x.dtype, device=x.device), accumulate=True)
+    outside = (toks < 0) | (toks >= x.shape[1])
+    if outside.any():
+        raise InvalidRequestError(
+            f"logit_bias token {int(toks[outside][0])} is outside the vocabulary [0, {x.shape[1]})"
+        )
+    where = (_index(np.array(r), x), _index(toks, x))
+    x.index_put_(where, torch.tensor(b, dtype=x.dtype, device=x.device), accumulate=True)
 
 
-def _apply_penalties(
-    x: torch.Tensor, rows: Sequence[SamplingRow], batch: BatchParams, idx: np.ndarray
-) -> None:
-    """Sparse over the tokens each row has seen: (row, token) pairs are unique, so index_put is exact."""
+def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow], idx: np.ndarray) -> None:
+    """Sparse over the tokens each row has seen: (row, token) pairs are unique, so index_put is
+    exact and no [S, V] count tensor is built."""
     if not len(idx):
         return
     r, t, c, rep, freq, pres = [], [], [], [], [], []
     for i in idx:
         prm = rows[i].params
-        out = np.asarray(rows[i].output_token_ids or (), dtype=np.int64)
-        toks, counts = np.unique(out, return_counts=True)
+        toks, counts = np.unique(np.asarray(rows[i].output_token_ids or (), dtype=np.int64), return_counts=True)
         if prm.repetition_penalty != 1.0 and rows[i].prompt_token_ids:
             # the repetition penalty also covers prompt tokens, with an output count of 0
             prompt_only = np.setdiff1d(np.asarray(rows[i].prompt_token_ids, dtype=np.int64), toks)
             toks = np.concatenate([toks, prompt_only])
             counts = np.concatenate([counts, np.zeros(len(prompt_only), dtype=counts.dtype)])
         n = len(toks)
-        r.append(np.full(n, i, dtype=np.int64))
+        r.append(np.full(n, i))
         t.append(toks)
         c.append(counts)
         rep.append(np.full(n, prm.repetition_penalty))
@@ -207,30 +197,40 @@ def _apply_penalties(
     if not len(toks):
         return
     assert toks.min() >= 0 and toks.max() < x.shape[1], "token id outside the vocabulary"
-
-    def dev(a: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(a).astype(np.float32)).to(x.device)
-
     where = (_index(np.concatenate(r), x), _index(toks, x))
     vals = x[where]
-    p_rep, count = dev(rep), dev(c)
+    p_rep, count = _t(np.concatenate(rep), x.device), _t(np.concatenate(c).astype(np.float32), x.device)
     vals = torch.where(vals > 0, vals / p_rep, vals * p_rep)
-    vals = vals - dev(freq) * count - dev(pres) * (count > 0).float()
+    vals = vals - _t(np.concatenate(freq), x.device) * count
+    vals = vals - _t(np.concatenate(pres), x.device) * (count > 0).float()
     x.index_put_(where, vals)
 
 
 # ----------------------------------------------------------------------------- random rows
 
 
+def _probabilities(x: torch.Tensor, idx: np.ndarray, temperature: np.ndarray) -> torch.Tensor:
+    """softmax(x[idx] / temperature) as a new fp32 [R, V] tensor that the routes mask in place.
+
+    On CPU: written row by row into the reused scratch buffer, so no [R, V] temporary is made."""
+    num, vocab = len(idx), x.shape[1]
+    if x.device.type != "cpu":
+        z = x[_index(idx, x)].float()
+        return torch.softmax(z * _t(1.0 / temperature, x.device)[:, None], dim=-1)
+    out = K.scratch(num, vocab)
+    if num == x.shape[0] and (temperature == 1.0).all():
+        return torch.softmax(x, dim=-1, dtype=torch.float32, out=out)
+    for j, i in enumerate(idx):
+        xi = x[i] if temperature[j] == 1.0 else x[i].float() * float(np.float32(1.0 / temperature[j]))
+        torch.softmax(xi, dim=-1, dtype=torch.float32, out=out[j])
+    return out
+
+
 def _sample_random(
-    x: torch.Tensor, batch: BatchParams, idx: np.ndarray, exact_sort: bool
+    probs: torch.Tensor, batch: BatchParams, idx: np.ndarray, exact_sort: bool
 ) -> torch.Tensor:
-    """Token ids [R] for the non-greedy rows idx (x holds exactly those rows)."""
-    dev = x.device
-    temperature = batch.temperature[idx]
-    z = x if (temperature == 1.0).all() else x * _t(1.0 / temperature, dev)[:, None]
-    probs = torch.softmax(z, dim=-1)  # a fresh tensor: the paths below mask it in place
-    u0 = _t(batch.uniforms(idx), dev)
+    """Token ids [R] for the non-greedy rows idx, whose probabilities `probs` holds."""
+    u0 = _t(batch.uniforms(idx), probs.device)
     top_k, top_p, min_p = batch.top_k[idx], batch.top_p[idx], batch.min_p[idx]
     if exact_sort:
         return _sample_sorted(probs, u0, top_k, top_p, min_p)
@@ -240,7 +240,7 @@ def _sample_random(
 def _sample_sorted(
     probs: torch.Tensor, u0: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray
 ) -> torch.Tensor:
-    """Accelerator path: one sort of the rows, vectorised masks, no data-dependent host sync."""
+    """Accelerator route: one sort of the rows, vectorised masks, no data-dependent host sync."""
     num, vocab = probs.shape
     if ((top_k > 0) | (top_p < 1.0)).any():
         cand, _ = probs.sort(dim=-1, descending=True)
@@ -249,7 +249,7 @@ def _sample_sorted(
         probs = probs * (probs >= theta[:, None])
     elif (min_p > 0).any():
         probs = probs * (probs >= (_t(min_p, probs.device) * probs.amax(dim=-1))[:, None])
-    return _draw(probs, u0)
+    return K.draw(probs, u0)
 
 
 def _sample_cpu(
@@ -261,17 +261,17 @@ def _sample_cpu(
     top_p: np.ndarray,
     min_p: np.ndarray,
 ) -> torch.Tensor:
-    """CPU path. Each row's route depends on its own parameters and probabilities only:
-    * top_k, or a small top_p: topk candidates settle theta; draw among them when the kept set
-      lies inside, else mask the row by theta (ties past the candidates) or, when the nucleus is
-      wider than the candidates, fall through to rejection;
+    """CPU route. Each row's way depends on its own parameters and probabilities only:
+    * top_k or a small top_p: topk candidates give theta; draw among them when the kept set lies
+      inside, else mask the row by theta (ties past the candidates), or, when the nucleus is wider
+      than the candidates, go on to rejection;
     * other top_p rows: rejection from the min_p-masked row, no ranking at all;
     * the rest: a min_p mask (if any) and a plain draw.
     """
     num, vocab = probs.shape
     dev = probs.device
     tokens = torch.empty(num, dtype=torch.long, device=dev)
-    # min_p's threshold, rounded as the float32 product the sorted path computes
+    # min_p's threshold, rounded as the float32 product the sorted route computes
     theta = min_p.astype(np.float32) * probs.amax(dim=-1).cpu().numpy()
     lower = np.full(num, np.inf, dtype=np.float32)  # tokens >= lower are surely in the nucleus
     by_cand = (top_k > 0) | (top_p < _REJECTION_MIN_TOP_P)
@@ -282,38 +282,39 @@ def _sample_cpu(
     if len(rows):
         sel = _index(rows, probs)
         k_row = np.minimum(np.maximum(_CANDIDATES, top_k[rows]), vocab)
-        cand, cand_ids = _take(probs, rows).topk(int(min(vocab, k_row.max() + 1)), dim=-1)
+        cand, cand_ids = K.topk(probs, int(min(vocab, k_row.max() + 1)), sel)
         theta0 = _pre_threshold(cand, top_k[rows], min_p[rows])
-        th = _nucleus_threshold(
-            cand, k_row, top_p[rows], theta0, lambda i, t: _mass_at_least(probs[rows[i]], t)
-        )
-        after = _col(cand, np.minimum(k_row, cand.shape[1] - 1))  # best p past the trusted ones
-        th_h, after_h = th.cpu().numpy(), after.cpu().numpy()
-        known = np.isfinite(th_h)
-        fits = known & ((k_row == vocab) | (after_h < th_h))
+
+        def mass_of_row(i: int, t: float) -> torch.Tensor:
+            return F.threshold(probs[rows[i]], _below(t), 0.0).sum()
+
+        th = _nucleus_threshold(cand, k_row, top_p[rows], theta0, mass_of_row).cpu().numpy()
+        after = _col(cand, np.minimum(k_row, cand.shape[1] - 1)).cpu().numpy()  # best p past them
+        known = np.isfinite(th)
+        fits = known & ((k_row == vocab) | (after < th))
         if fits.any():  # kept set inside the candidates: draw among them in vocabulary order
             f = _index(np.flatnonzero(fits), probs)
             ids, order = cand_ids[f].sort(dim=-1)
-            w = cand[f] * (cand[f] >= th[f][:, None])
-            pos = _draw(w.gather(1, order), u0[sel[f]])
-            tokens[sel[f]] = ids.gather(1, pos[:, None]).squeeze(1)
+            w = cand[f].gather(1, order)
+            w = w * (w >= _t(th[fits], dev)[:, None])
+            tokens[sel[f]] = ids.gather(1, K.draw(w, u0[sel[f]])[:, None]).squeeze(1)
         plain[rows[known & ~fits]] = True  # ties or a large top_k reach past the candidates
-        theta[rows[known]] = th_h[known]
+        theta[rows[known]] = th[known]
         opened = rows[~known]  # nucleus wider than the candidates
         rejection[opened] = True
         theta[opened] = theta0.cpu().numpy()[~known]
         lower[opened] = _col(cand, k_row - 1).cpu().numpy()[~known]
 
-    masked = np.flatnonzero((plain | rejection) & (theta > 0))
-    for i in masked:  # in place: tokens below theta are never kept by any later stage
-        F.threshold_(probs[i], _below(theta[i]), 0.0)
+    for i in np.flatnonzero((plain | rejection) & (theta > 0)):
+        F.threshold_(probs[i], _below(theta[i]), 0.0)  # tokens below theta are never kept later
     rows = np.flatnonzero(plain)
     if len(rows):
-        tokens[_index(rows, probs)] = _draw(_take(probs, rows), u0[_index(rows, probs)])
+        sel = _index(rows, probs)
+        tokens[sel] = K.draw(probs, u0[sel], None if len(rows) == num else sel)
     rows = np.flatnonzero(rejection)
     if len(rows):
         tokens[_index(rows, probs)] = _nucleus_by_rejection(
-            _take(probs, rows), lower[rows], top_p[rows], batch, idx[rows], u0[_index(rows, probs)]
+            probs, rows, lower[rows], top_p[rows], batch, idx[rows], u0[_index(rows, probs)]
         )
     return tokens
 
@@ -359,19 +360,21 @@ def _nucleus_threshold(
     # always); `keep` is a prefix because the exclusive cumsum only grows
     keep = ((cs - w) < limit[:, None]) & (w > 0)
     cut = cand.gather(1, (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
-    theta = torch.where(top_mass >= limit, torch.maximum(theta0, cut), torch.full_like(cut, float("nan")))
+    nan = torch.full_like(cut, float("nan"))
+    theta = torch.where(top_mass >= limit, torch.maximum(theta0, cut), nan)
     return torch.where(_t(top_p < 1.0, dev), theta, theta0)
 
 
 def _nucleus_by_rejection(
     probs: torch.Tensor,
+    rows: np.ndarray,
     lower: np.ndarray,
     top_p: np.ndarray,
     batch: BatchParams,
     idx: np.ndarray,
     u0: torch.Tensor,
 ) -> torch.Tensor:
-    """Draw from the top_p nucleus of each row of `probs` (already masked to {p >= theta0}).
+    """Draw from the top_p nucleus of each of `rows` of `probs` (already masked to {p >= theta0}).
 
     Proposals come from the row itself; a token is in the nucleus iff the mass strictly above it
     is below top_p times the row's mass (tokens >= lower always are). Draw j uses the uniform
@@ -379,115 +382,67 @@ def _nucleus_by_rejection(
     accepted with probability >= top_p.
     """
     dev = probs.device
-    limit = top_p * probs.sum(dim=-1).cpu().numpy()
-    tokens = torch.full((probs.shape[0],), -1, dtype=torch.long, device=dev)
-    pending = np.arange(probs.shape[0])
+    limit = top_p * probs.sum(dim=-1).cpu().numpy()[rows]
+    tokens = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
+    pending = np.arange(len(rows))
     for draw in range(_MAX_DRAWS):
-        sel = _index(pending, probs)
-        u = u0[sel] if draw == 0 else _t(batch.uniforms(idx[pending], draw), dev)
-        tok = _draw(_take(probs, pending), u)
-        p_tok = probs[sel, tok].cpu().numpy()
+        u = u0[_index(pending, u0)] if draw == 0 else _t(batch.uniforms(idx[pending], draw), dev)
+        tok = K.draw(probs, u, _index(rows[pending], probs))
+        p_tok = probs[_index(rows[pending], probs), tok].cpu().numpy()
         ok = np.array([
-            p_tok[j] >= lower[i] or float(F.threshold(probs[i], float(p_tok[j]), 0.0).sum()) < limit[i]
+            p_tok[j] >= lower[i]
+            or float(F.threshold(probs[rows[i]], float(p_tok[j]), 0.0).sum()) < limit[i]
             for j, i in enumerate(pending)
         ], dtype=bool)
-        done = _index(np.flatnonzero(ok), probs)
-        tokens[sel[done]] = tok[done]
+        done = _index(np.flatnonzero(ok), tok)
+        tokens[_index(pending[ok], tokens)] = tok[done]
         pending = pending[~ok]
         if not len(pending):
             return tokens
     # rare (a narrow nucleus in a flat distribution): settle the rest exactly with a sort and a
     # fresh uniform (the earlier ones are conditioned on their rejection)
-    sel = _index(pending, probs)
-    p = probs[sel]
+    p = probs[_index(rows[pending], probs)]
     cand, _ = p.sort(dim=-1, descending=True)
     zero = torch.zeros(len(pending), device=dev)
     theta = _nucleus_threshold(cand, np.full(len(pending), p.shape[1]), top_p[pending], zero, None)
     u = _t(batch.uniforms(idx[pending], _MAX_DRAWS), dev)
-    tokens[sel] = _draw(p * (p >= theta[:, None]), u)
+    tokens[_index(pending, tokens)] = K.draw(p * (p >= theta[:, None]), u)
     return tokens
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _t(a: np.ndarray, dev: torch.device) -> torch.Tensor:
-    a = np.asarray(a)
-    if a.dtype == np.float64:
-        a = a.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
-
-
-def _col(a: torch.Tensor, cols: np.ndarray) -> torch.Tensor:
-    """a[i, cols[i]] for every row i."""
-    return a.gather(1, _t(cols, a.device)[:, None]).squeeze(1)
-
-
-def _below(theta: float) -> float:
-    """The float32 just below theta: F.threshold keeps p > it, i.e. p >= theta."""
-    return float(np.nextafter(np.float32(theta), np.float32(-np.inf)))
-
-
-def _mass_at_least(p: torch.Tensor, theta: float) -> torch.Tensor:
-    return F.threshold(p, _below(theta), 0.0).sum()
-
-
-def _draw(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse CDF over nonnegative weights [R, N] in column order: positions [R] for uniforms u.
-
-    Two levels so no [R, N] cumsum is needed: block sums pick the block holding u * total, then
-    a cumsum inside that block picks the token.
-    """
-    num, width = w.shape
-    if width <= 4 * _BLOCK:
-        cs = w.cumsum(dim=-1)
-        return _search(cs, u.to(cs.dtype) * cs[:, -1])
-    nb = width // _BLOCK
-    head = nb * _BLOCK
-    sums = w[:, :head].unflatten(1, (nb, _BLOCK)).sum(dim=-1)
-    if head < width:
-        sums = torch.cat([sums, w[:, head:].sum(dim=-1, keepdim=True)], dim=1)
-    bcs = sums.cumsum(dim=-1)
-    target = u.to(bcs.dtype) * bcs[:, -1]
-    block = _search(bcs, target)
-    before = bcs.gather(1, block[:, None]).squeeze(1) - sums.gather(1, block[:, None]).squeeze(1)
-    cols = block[:, None] * _BLOCK + torch.arange(_BLOCK, device=w.device)[None, :]
-    inner = w.gather(1, cols.clamp(max=width - 1)) * (cols < width)
-    return block * _BLOCK + _search(inner.cumsum(dim=-1), target - before)
-
-
-def _search(cs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The first position whose inclusive cumsum exceeds target, never a zero-weight one.
-
-    Rounding can push target below 0 (a remainder inside a block) or up to the total; clamping
-    it at 0 and the result at the first position reaching the total (the last positive weight)
-    keeps zero-weight tokens unreachable.
-    """
-    total = cs[:, -1:].contiguous()
-    pos = torch.searchsorted(cs, target.clamp(min=0.0)[:, None].contiguous(), right=True)
-    last = torch.searchsorted(cs, total, right=False)
-    return torch.minimum(pos, last).squeeze(1)
 
 
 # ----------------------------------------------------------------------------- logprobs
 
 
 def _fill_logprobs(
-    out: ForwardOutput, raw: torch.Tensor, token_ids: torch.Tensor, batch: BatchParams
+    out: ForwardOutput, logits: torch.Tensor, token_ids: torch.Tensor, batch: BatchParams
 ) -> None:
-    """log_softmax of the raw logits, only for the rows that asked; other rows hold NaN / -1."""
+    """log_softmax of the raw logits for the rows that asked; other rows hold NaN / -1.
+
+    log_softmax is one fused pass (cheaper than logsumexp on CPU); on CPU it runs row by row so
+    no [R, V] temporary is made."""
     idx = np.flatnonzero(batch.num_logprobs >= 0)
-    rows = _take(raw, idx)
-    sel = _index(idx, raw)
-    lse = torch.logsumexp(rows, dim=-1, keepdim=True)
-    lp = (rows.gather(1, token_ids[sel][:, None]) - lse).squeeze(1)
-    num = raw.shape[0]
+    k = int(batch.num_logprobs.max())
+    sel = _index(idx, logits)
+    if logits.device.type == "cpu":
+        lps, tops, top_ids = [], [], []
+        for j, i in enumerate(idx):
+            logp = torch.log_softmax(logits[i], dim=-1, dtype=torch.float32)
+            lps.append(logp[token_ids[i]])
+            if k:
+                v, ids = K.topk(logp[None], k)
+                tops.append(v[0])
+                top_ids.append(ids[0])
+        lp = torch.stack(lps)
+        top_lp, top_id = (torch.stack(tops), torch.stack(top_ids)) if k else (None, None)
+    else:
+        logp = torch.log_softmax(logits[sel].float(), dim=-1)
+        lp = logp.gather(1, token_ids[sel][:, None]).squeeze(1)
+        top_lp, top_id = K.topk(logp, k) if k else (None, None)
+    num = logits.shape[0]
     out.logprobs = np.full(num, np.nan, dtype=np.float32)
     out.logprobs[idx] = lp.cpu().numpy()
-    k = int(batch.num_logprobs.max())
-    if k > 0:
-        vals, ids = rows.topk(k, dim=-1)
+    if k:
         out.top_ids = np.full((num, k), -1, dtype=np.int64)
         out.top_logprobs = np.full((num, k), np.nan, dtype=np.float32)
-        out.top_ids[idx] = ids.cpu().numpy()
-        out.top_logprobs[idx] = (vals - lse).cpu().numpy()
+        out.top_ids[idx] = top_id.cpu().numpy()
+        out.top_logprobs[idx] = top_lp.cpu().numpy()

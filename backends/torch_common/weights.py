@@ -85,7 +85,10 @@ def build_torch_weights(weights: LoadedWeights, fmt: WeightFormat,
     cfg = weights.config
 
     def dense(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(weights.dense(name), dtype=np.float32))
+        a = np.asarray(weights.dense(name), dtype=np.float32)
+        if not (a.flags.writeable and a.flags.c_contiguous):  # e.g. a read-only mmap view
+            a = np.array(a, dtype=np.float32, order="C")
+        return torch.from_numpy(a)
 
     def opt(name: str) -> torch.Tensor | None:
         return dense(name) if name in weights.tensors else None

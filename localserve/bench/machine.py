@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import time
 from importlib import metadata
 
 
@@ -53,3 +54,37 @@ def machine_info() -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "load_average_at_start": load_average(),
     }
+
+
+class ForeignCpuMeter:
+    """How busy the machine was with other processes while we measured: (all CPU time spent −
+    this process's) / (wall time × cores), from /proc/stat and os.times(). 0 is a quiet machine;
+    0.5 on 2 cores means another process held one core the whole time."""
+
+    def __init__(self) -> None:
+        self._start = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = f.readline().split()[1:]
+        except OSError:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        values = [int(x) for x in fields]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        busy = (sum(values[:8]) - idle) / ticks  # guest time is already inside user
+        own = os.times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def foreign_share(self) -> float | None:
+        end = self._snapshot()
+        if end is None or self._start is None:
+            return None
+        wall = end[0] - self._start[0]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if wall < 0.05:  # /proc/stat counts in clock ticks (10 ms): too coarse to say
+            return None
+        foreign = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        return min(1.0, max(0.0, foreign / (wall * cores)))

@@ -18,6 +18,7 @@ class Row:
     peer: float | None
     local_range: tuple[float, float] | None = None
     peer_range: tuple[float, float] | None = None
+    foreign_cpu: float | None = None  # other processes' share of the CPU meanwhile
 
     @property
     def ratio(self) -> float | None:
@@ -34,7 +35,7 @@ def _range(values: list[float] | None) -> tuple[float, float] | None:
 def rows(result: BenchResult) -> list[Row]:
     out = [
         Row(f.label, f.unit, f.higher_is_better, f.median(LOCAL), f.median(PEER),
-            _range(f.samples.get(LOCAL)), _range(f.samples.get(PEER)))
+            _range(f.samples.get(LOCAL)), _range(f.samples.get(PEER)), f.foreign_cpu)
         for f in result.figures
     ]
     cold, hit = result.figure("prefix_cold"), result.figure("prefix_hit")
@@ -55,6 +56,15 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:,.1f}" if value < 1000 else f"{value:,.0f}"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _noisiest(result: BenchResult) -> float | None:
+    values = [f.foreign_cpu for f in result.figures if f.foreign_cpu is not None]
+    return max(values) if values else None
+
+
 def _fmt_ratio(row: Row) -> str:
     r = row.ratio
     return "-" if r is None else f"{r:.3g}"
@@ -63,7 +73,7 @@ def _fmt_ratio(row: Row) -> str:
 def text_table(result: BenchResult) -> str:
     rs = rows(result)
     width = max(len(f"{r.label} [{r.unit}]") for r in rs) if rs else 10
-    head = f"{'figure':<{width}}  {'localserve':>22}  {'llama.cpp':>22}  {'ratio':>6}  better"
+    head = f"{'figure':<{width}}  {'localserve':>22}  {'llama.cpp':>22}  {'ratio':>6}  better  others"
     lines = [head, "-" * len(head)]
     for r in rs:
         def cell(v, rng):
@@ -74,10 +84,11 @@ def text_table(result: BenchResult) -> str:
 
         lines.append(
             f"{r.label + ' [' + r.unit + ']':<{width}}  {cell(r.local, r.local_range):>22}  "
-            f"{cell(r.peer, r.peer_range):>22}  {_fmt_ratio(r):>6}  {'higher' if r.higher_is_better else 'lower'}"
+            f"{cell(r.peer, r.peer_range):>22}  {_fmt_ratio(r):>6}  {'higher' if r.higher_is_better else 'lower':<6}  {_pct(r.foreign_cpu):>6}"
         )
     lines.append("")
-    lines.append("median of repeats (min-max in brackets); ratio = localserve / llama.cpp")
+    lines.append("median of repeats (min-max in brackets); ratio = localserve / llama.cpp; "
+                 "others = CPU share other processes used meanwhile (0% = quiet machine)")
     lines += _footer(result)
     return "\n".join(lines)
 
@@ -109,6 +120,7 @@ def markdown_table(result: BenchResult) -> str:
         f"ratio = localserve / llama.cpp. {m.get('cpu_model')}, {m.get('usable_cores')} cores, "
         f"torch {m.get('torch')}, llama-cpp-python {m.get('llama_cpp_python')}, {m.get('date')}. "
         "llama.cpp's concurrent figures are the requests run back to back (one Llama object serves "
-        "one sequence, as its Python server does)."
+        "one sequence, as its Python server does). "
+        f"Other processes used at most {_pct(_noisiest(result))} of the CPU during any figure."
     )
     return "\n".join(lines)

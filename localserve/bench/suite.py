@@ -11,7 +11,7 @@ from typing import Callable
 
 from localserve.bench.config import BenchConfig
 from localserve.bench.figures import Figure, build_probes
-from localserve.bench.machine import load_average, machine_info
+from localserve.bench.machine import ForeignCpuMeter, load_average, machine_info
 from localserve.bench.prompts import DECODE_TEXT, PromptFactory, TextEncoder
 from localserve.bench.timing import Runner
 
@@ -68,10 +68,24 @@ def load_localserve(cfg: BenchConfig):
     from localserve.runtime.loader import load_model
 
     max_seqs = cfg.max_num_seqs or max(64, *cfg.concurrency)
-    engine_cfg = EngineConfig(max_num_seqs=max_seqs, num_blocks=cfg.num_blocks)
+    block_size = EngineConfig().block_size
+    engine_cfg = EngineConfig(max_num_seqs=max_seqs, num_blocks=cfg.num_blocks or _bench_blocks(cfg, block_size))
     backend_cfg = BackendConfig(num_threads=cfg.threads, max_num_seqs=max_seqs,
                                 max_num_batched_tokens=engine_cfg.max_num_batched_tokens)
     return load_model(cfg.model, backend=cfg.backend, backend_cfg=backend_cfg, engine_cfg=engine_cfg)
+
+
+def _bench_blocks(cfg: BenchConfig, block_size: int) -> int:
+    """A KV pool sized to the workload (4x what the largest figure holds at once, at least 8k
+    tokens), not "all that fits": that would zero half the RAM before the first figure."""
+    short = 64  # a fresh header + short question, generously
+    held = max(
+        max(cfg.concurrency) * (short + cfg.concurrent_tokens),
+        2 * (short + cfg.prefix_tokens),
+        cfg.prefill_tokens + 1,
+        short + cfg.decode_tokens,
+    )
+    return max(4 * held, 8192) // block_size + 1
 
 
 def _plain_encode(tok):
@@ -134,6 +148,7 @@ def run_bench(cfg: BenchConfig, log: Log = _stderr) -> BenchResult:
                 for r in runners:
                     probe.run(r, inputs)
             # repeats interleave the engines, so a burst of load elsewhere hits both alike
+            meter = ForeignCpuMeter()
             for i in range(cfg.repeats):
                 inputs = probe.inputs(prompts)
                 for r in runners:
@@ -143,6 +158,11 @@ def run_bench(cfg: BenchConfig, log: Log = _stderr) -> BenchResult:
                     log(f"  repeat {i + 1}/{cfg.repeats} {r.name}: "
                         + ", ".join(f"{k}={figs[k].samples[r.name][-1]:.1f}" for k in figs)
                         + f" ({time.perf_counter() - t0:.1f} s)")
+            foreign = meter.foreign_share()
+            for f in figs.values():
+                f.foreign_cpu = foreign
+            if foreign is not None and foreign > 0.1:
+                log(f"  warning: other processes used {foreign:.0%} of the CPU while this figure ran")
             figures += figs.values()
     finally:
         for r in runners:

@@ -8,7 +8,9 @@ Text comes from decoding a short window of ids (vLLM's prefix_offset/read_offset
 
 The window's leading token gives the decoder its context, so SentencePiece's leading-space
 rules come out as in a full decode, and a window whose text ends in U+FFFD (a UTF-8 character
-split across byte tokens) is held until the character completes.
+split across byte tokens) is held until the character completes. SentencePiece byte-fallback
+pieces are decoded per run (an invalid byte turns the whole run into U+FFFD), so text that ends
+in such a run waits for the token after it; windows therefore never split a run.
 
 Stop strings are searched in the decoded text, so they may span tokens. While the text ends with
 something that could still grow into a stop string, that tail is held back; it is released when
@@ -34,6 +36,9 @@ class TokenDecoder(Protocol):
     """What the detokenizer needs from a tokenizer (localserve.models.tokenizer.Tokenizer fits)."""
 
     eos_token_ids: frozenset[int]
+    # SentencePiece byte-fallback pieces (<0x00>..<0xFF>); empty for byte-level BPE
+    byte_fallback_ids: frozenset[int]
+    special_token_ids: frozenset[int]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
@@ -64,6 +69,12 @@ class IncrementalDetokenizer:
         self.max_stop_len = max(map(len, self.stop_strings), default=0)
         self.stop_token_ids = frozenset(params.stop_token_ids)
         self.eos_token_ids = frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids)
+        # ids whose arrival cannot make held text final (see _decode_step)
+        self._hold_ids: frozenset[int] = frozenset()
+        if tokenizer.byte_fallback_ids:
+            self._hold_ids = tokenizer.byte_fallback_ids
+            if params.skip_special_tokens:
+                self._hold_ids |= tokenizer.special_token_ids
         self.token_ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -116,6 +127,11 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _decode_step(self) -> str:
+        if self.token_ids[-1] in self._hold_ids:
+            # A run of byte pieces decodes as one unit (all U+FFFD if any byte is invalid), so
+            # its text is final only once a token with text of its own closes the run; skipped
+            # special tokens add no text and do not close it.
+            return ""
         prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.token_ids[self.prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):

@@ -98,10 +98,11 @@ class ChatTemplate:
     ) -> str:
         """The prompt text. A conversation the template rejects (raise_exception, e.g. roles that
         do not alternate) raises InvalidRequestError: it is the client's input that is wrong."""
-        chat = [{k: v for k, v in _plain(m).items() if v is not None} for m in messages]
-        for m in chat:
-            if "role" not in m:
-                raise InvalidRequestError("every message needs a 'role'")
+        chat = []
+        for m in map(_plain, messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise InvalidRequestError("every message must be an object with a 'role'")
+            chat.append({k: v for k, v in m.items() if v is not None})
         variables = {**self.special_tokens, **_plain(kwargs)}
         try:
             return self._template.render(

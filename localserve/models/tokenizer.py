@@ -22,7 +22,7 @@ from localserve.models.gguf_tokenizer import TokenizerSettings, bos_eos_post_pro
 
 class Tokenizer:
     __slots__ = ("backend", "settings", "chat_template", "bos_token_id", "eos_token_ids", "pad_token_id",
-                 "special_token_ids", "vocab_size")
+                 "special_token_ids", "byte_fallback_ids", "vocab_size")
 
     def __init__(self, backend: tokenizers.Tokenizer, settings: TokenizerSettings) -> None:
         self.backend = backend
@@ -37,6 +37,7 @@ class Tokenizer:
         self.special_token_ids: frozenset[int] = frozenset(
             i for i, t in backend.get_added_tokens_decoder().items() if t.special
         )
+        self.byte_fallback_ids: frozenset[int] = self._byte_fallback_ids()
         self.chat_template = self._chat_template(settings)
 
     # -- constructors -----------------------------------------------------------------------
@@ -105,6 +106,13 @@ class Tokenizer:
 
     def piece_to_id(self, piece: str) -> int | None:
         return self.backend.token_to_id(piece)
+
+    def _byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of the <0x00>..<0xFF> pieces when the model falls back to bytes (SentencePiece)."""
+        if not getattr(self.backend.model, "byte_fallback", False):
+            return frozenset()
+        ids = (self.backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        return frozenset(i for i in ids if i is not None)
 
     def _id(self, piece: str | None) -> int | None:
         return None if piece is None else self.backend.token_to_id(piece)

@@ -10,12 +10,16 @@ import pytest
 import torch
 
 from localserve.backends.torch_common import sampling
-from localserve.backends.torch_common.sampling import penalized_logits, sample, uniform
+from localserve.backends.torch_common import sampling_kernels as K
+from localserve.backends.torch_common.sampling import penalized_logits, sample
+from localserve.backends.torch_common.sampling_kernels import uniform
 from localserve.engine.plan import SamplingRow
 from localserve.engine.sampling_params import SamplingParams
 from localserve.errors import InvalidRequestError
 
 STRATEGIES = [False, True]  # exact_sort: topk candidates (CPU default) / one sort (accelerators)
+# CI runs on CPU; on a machine with a GPU the same tests also run there (exact_sort by default)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def row(seed: int = 0, step: int = 0, prompt=None, output=None, **kw) -> SamplingRow:
@@ -70,21 +74,26 @@ def chi_square_ok(counts: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     return stat, crit
 
 
-def draw_many(logits_row: torch.Tensor, n: int, exact_sort: bool, seed: int = 7, **kw) -> np.ndarray:
+def draw_many(
+    logits_row: torch.Tensor, n: int, exact_sort: bool | None, seed: int = 7, device="cpu", **kw
+) -> np.ndarray:
     """n tokens for one distribution: one row per step of a single seeded sequence."""
     rows = [row(seed=seed, step=s, **kw) for s in range(n)]
-    return sample(logits_row.expand(n, -1), rows, exact_sort=exact_sort).token_ids
+    x = logits_row.to(device).expand(n, -1)
+    return sample(x, rows, exact_sort=exact_sort).token_ids
 
 
 # ------------------------------------------------------------------ greedy
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_is_argmax_and_ties_take_lowest_id(dtype):
+@pytest.mark.parametrize("vocab", [5000, 262144])
+def test_greedy_is_argmax_and_ties_take_lowest_id(dtype, vocab, device):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 5000, generator=g).to(dtype)
+    x = torch.randn(6, vocab, generator=g).to(dtype)
     x[3, 10] = x[3, 4000] = 50.0  # a tie: lowest id wins, like torch.argmax
-    out = sample(x, [row(temperature=0.0) for _ in range(6)])
+    out = sample(x.to(device), [row(temperature=0.0) for _ in range(6)])
     assert out.token_ids.dtype == np.int64
     np.testing.assert_array_equal(out.token_ids, x.float().argmax(-1).numpy())
     assert out.token_ids[3] == 10
@@ -126,22 +135,27 @@ def _assorted_rows(seed_base: int) -> list[SamplingRow]:
     ]
 
 
-@pytest.mark.parametrize("exact_sort", STRATEGIES)
+@pytest.mark.parametrize(
+    "device,exact_sort", [("cpu", False), ("cpu", True)] + [(d, None) for d in DEVICES[1:]]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_same_seed_same_token_whatever_the_batch(exact_sort, dtype):
+def test_same_seed_same_token_whatever_the_batch(device, exact_sort, dtype):
     vocab = 1000
     rows = _assorted_rows(100)
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(len(rows), vocab, generator=g) * 3).to(dtype)
     x[3] = x[3] / 6  # flat row
+    x = x.to(device)
+    before = x.clone()
     batch = sample(x, rows, exact_sort=exact_sort)
+    assert torch.equal(x, before), "sample() must not modify the logits"
     alone = [sample(x[i : i + 1], [rows[i]], exact_sort=exact_sort) for i in range(len(rows))]
     np.testing.assert_array_equal(batch.token_ids, [a.token_ids[0] for a in alone])
     perm = np.random.default_rng(0).permutation(len(rows))
-    shuffled = sample(x[torch.from_numpy(perm)], [rows[i] for i in perm], exact_sort=exact_sort)
+    shuffled = sample(x[torch.from_numpy(perm).to(device)], [rows[i] for i in perm], exact_sort=exact_sort)
     np.testing.assert_array_equal(shuffled.token_ids, batch.token_ids[perm])
     # padding the batch with unrelated rows changes nothing either
-    noise = torch.randn(5, vocab, generator=g).to(dtype)
+    noise = torch.randn(5, vocab, generator=g).to(dtype).to(device)
     padded = sample(
         torch.cat([noise, x]), _assorted_rows(900)[:5] + rows, exact_sort=exact_sort
     )
@@ -179,7 +193,9 @@ def test_strategies_agree_when_the_kept_set_is_found_directly():
 SMALL = torch.tensor([[2.0, 1.5, 1.4, 1.0, 0.5, 0.0, -0.3, -1.0, 0.9, 1.2]])
 
 
-@pytest.mark.parametrize("exact_sort", STRATEGIES)
+@pytest.mark.parametrize(
+    "device,exact_sort", [("cpu", False), ("cpu", True)] + [(d, None) for d in DEVICES[1:]]
+)
 @pytest.mark.parametrize(
     "kw",
     [
@@ -193,9 +209,9 @@ SMALL = torch.tensor([[2.0, 1.5, 1.4, 1.0, 0.5, 0.0, -0.3, -1.0, 0.9, 1.2]])
     ],
     ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
 )
-def test_sampled_frequencies_match_the_filtered_softmax(exact_sort, kw):
+def test_sampled_frequencies_match_the_filtered_softmax(device, exact_sort, kw):
     n = 20000
-    counts = np.bincount(draw_many(SMALL, n, exact_sort, **kw), minlength=SMALL.shape[1])
+    counts = np.bincount(draw_many(SMALL, n, exact_sort, device=device, **kw), minlength=SMALL.shape[1])
     probs = ref_kept_probs(SMALL[0].numpy(), **kw)
     assert (counts[probs == 0] == 0).all(), "a filtered-out token was sampled"
     assert (counts[probs > 0] > 0).all(), "a kept token was never sampled"
@@ -257,7 +273,7 @@ def test_filters_on_a_large_vocab_never_leave_their_set(exact_sort):
 def test_search_never_lands_on_zero_weight_tokens():
     cs = torch.tensor([[0.25, 0.5, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]])
     for target in ([0.5 - 2.0**-25, 0.0], [0.5, 1.0], [7.0, -1.0]):
-        np.testing.assert_array_equal(sampling._search(cs, torch.tensor(target)).numpy(), [1, 2])
+        np.testing.assert_array_equal(K.search(cs, torch.tensor(target)).numpy(), [1, 2])
 
 
 @pytest.mark.parametrize("width", [40, 3 * 1024 + 5, 6 * 1024, 6000])
@@ -267,10 +283,27 @@ def test_draw_handles_block_edges_and_zero_weights(width):
     w[1, 1024 % width] = 2.0  # a single token, on a block edge when the row is blocked
     w[2, width // 2 :] = 1.0  # a zero-weight head
     for u in (0.0, 0.49999, 0.5, 1.0 - 2.0**-24, 1.0):
-        pos = sampling._draw(w, torch.full((3,), u)).numpy()
+        pos = K.draw(w, torch.full((3,), u)).numpy()
         assert (w[torch.arange(3), torch.from_numpy(pos)] > 0).all(), (u, pos)
-    assert sampling._draw(w, torch.zeros(3))[0] == 0
-    assert sampling._draw(w, torch.full((3,), 0.999))[0] == width - 1
+    assert K.draw(w, torch.zeros(3))[0] == 0
+    assert K.draw(w, torch.full((3,), 0.999))[0] == width - 1
+
+
+@pytest.mark.parametrize("width", [100, 8 * 1024, 8 * 1024 + 37, 262144])
+def test_blocked_argmax_and_topk_equal_torch(width):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, width, generator=g).bfloat16().float()  # bf16 values: many ties
+    x[1] = 0.0  # all tied: the first index wins
+    x[2, -1] = 100.0  # maximum in the partial tail block
+    x[3, [7, width - 3]] = 50.0  # tied maxima in different blocks
+    x[4, width // 2 :] = float("-inf")
+    np.testing.assert_array_equal(K.argmax(x).numpy(), x.argmax(-1).numpy())
+    for k in (k for k in (1, 5, 20, 257) if k <= width):
+        vals, ids = K.topk(x, k)
+        ref = x.topk(k, dim=-1).values
+        torch.testing.assert_close(vals, ref)
+        torch.testing.assert_close(x.gather(1, ids), vals)  # ids point at those values
+        assert all(len(set(r.tolist())) == k for r in ids)  # distinct tokens
 
 
 def test_blocked_draw_matches_the_distribution():
@@ -291,10 +324,11 @@ def test_blocked_draw_matches_the_distribution():
 # ------------------------------------------------------------------ penalties and bias
 
 
-def test_penalties_and_bias_match_the_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalties_and_bias_match_the_reference(device):
     vocab = 200
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(5, vocab, generator=g) * 3
+    x = (torch.randn(5, vocab, generator=g) * 3).to(device)
     rows = [
         row(prompt=[1, 2, 2, 5], output=[5, 7, 7, 7, 150], repetition_penalty=1.5),
         row(prompt=[1, 2], output=[2, 9, 9], frequency_penalty=0.7, presence_penalty=-0.3),
@@ -302,9 +336,9 @@ def test_penalties_and_bias_match_the_reference():
         row(logit_bias={0: 100.0, 1: -100.0, 199: 0.5}),
         row(prompt=[3], output=[], repetition_penalty=1.2, logit_bias={3: 2.0}),
     ]
-    got = penalized_logits(x, rows).numpy()
+    got = penalized_logits(x, rows).cpu().numpy()
     for i, r in enumerate(rows):
-        np.testing.assert_allclose(got[i], ref_penalized(x[i].numpy(), r), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got[i], ref_penalized(x[i].cpu().numpy(), r), rtol=1e-6, atol=1e-6)
     # greedy rows take the argmax of exactly these logits; the input is left untouched
     before = x.clone()
     greedy = [row(temperature=0.0, prompt=r.prompt_token_ids, output=r.output_token_ids,
@@ -334,10 +368,12 @@ def test_logit_bias_outside_the_vocab_is_a_typed_error():
 # ------------------------------------------------------------------ logprobs
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logprobs_are_log_softmax_of_the_raw_logits(dtype):
+@pytest.mark.parametrize("vocab", [3000, 262144])
+def test_logprobs_are_log_softmax_of_the_raw_logits(dtype, vocab, device):
     g = torch.Generator().manual_seed(6)
-    x = (torch.randn(4, 3000, generator=g) * 2).to(dtype)
+    x = (torch.randn(4, vocab, generator=g) * 2).to(dtype).to(device)
     rows = [
         row(seed=1, logprobs=True, top_logprobs=5, temperature=0.5, frequency_penalty=1.0, output=[1, 2]),
         row(seed=2),  # asks nothing
@@ -345,7 +381,7 @@ def test_logprobs_are_log_softmax_of_the_raw_logits(dtype):
         row(seed=4, logprobs=True, temperature=0.0),
     ]
     out = sample(x, rows)
-    ref = torch.log_softmax(x.float(), dim=-1).numpy()
+    ref = torch.log_softmax(x.float(), dim=-1).cpu().numpy()
     asked = [0, 2, 3]
     np.testing.assert_allclose(
         out.logprobs[asked], ref[asked, out.token_ids[asked]], rtol=1e-5, atol=1e-5
@@ -364,3 +400,15 @@ def test_logprobs_without_top_logprobs():
     out = sample(torch.randn(2, 50), [row(logprobs=True, temperature=0.0), row()])
     assert out.top_ids is None and out.top_logprobs is None
     assert out.logprobs.dtype == np.float32 and np.isfinite(out.logprobs[0])
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])  # empty (skipped) without an accelerator
+def test_accelerator_draws_what_the_cpu_sorted_path_draws(device):
+    """Same thresholds and the same uniform: only float rounding at a boundary may differ."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(256, 262144, generator=g) * 3
+    kinds = [dict(), dict(top_p=0.9), dict(top_k=50), dict(min_p=0.05), dict(top_p=0.5, temperature=0.7)]
+    rows = [row(seed=i, step=i, **kinds[i % len(kinds)]) for i in range(256)]
+    on_cpu = sample(x, rows, exact_sort=True).token_ids
+    on_dev = sample(x.to(device), rows).token_ids
+    assert (on_cpu == on_dev).mean() > 0.97

@@ -11,7 +11,7 @@ from localserve.engine.detokenizer import IncrementalDetokenizer, StepText
 from localserve.engine.sampling_params import SamplingParams
 from localserve.models.gguf_tokenizer import TokenizerSettings
 from localserve.models.tokenizer import Tokenizer
-from tests.models.tokenizer_builders import train_byte_level, write_sentencepiece_gguf
+from tests.models.tokenizer_builders import default_tokenizer, train_byte_level, write_sentencepiece_gguf
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def spm(tmp_path_factory) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def gemma(default_gguf, tmp_path_factory) -> Tokenizer:
-    return Tokenizer.from_gguf(default_gguf, cache_dir=tmp_path_factory.mktemp("tok_cache"))
+def gemma(default_gguf) -> Tokenizer:
+    return default_tokenizer(default_gguf)
 
 
 def stream(tok, ids, **params) -> tuple[list[str], StepText | None, str]:
@@ -187,14 +187,14 @@ TEXT = st.text(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=TEXT)
 def test_deltas_concatenate_to_decode_bpe(bpe, text):
     ids = bpe.encode(text, add_special_tokens=False)
     assert streamed_text(bpe, ids) == bpe.decode(ids) == text
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=st.lists(st.integers(0, 499), max_size=30))
 def test_arbitrary_ids_concatenate_to_decode(bpe, ids):
     # arbitrary ids include broken UTF-8 and special tokens
@@ -210,7 +210,7 @@ def test_deltas_concatenate_to_decode_sentencepiece(spm, text):
     assert streamed_text(spm, ids) == spm.decode(ids)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=TEXT, data=st.data(), include=st.booleans())
 def test_stop_string_property(bpe, text, data, include):
     """Output == decode(ids) cut at the first stop occurrence, whatever the token boundaries."""

@@ -161,10 +161,10 @@ def test_fallback_choice():
 
 
 @pytest.mark.slow
-def test_default_model_chat_prompt(default_gguf, tmp_path):
-    from localserve.models.tokenizer import Tokenizer
+def test_default_model_chat_prompt(default_gguf):
+    from tests.models.tokenizer_builders import default_tokenizer
 
-    tok = Tokenizer.from_gguf(default_gguf, cache_dir=tmp_path)
+    tok = default_tokenizer(default_gguf)
     messages = [{"role": "user", "content": "Write a haiku."}]
     text = tok.apply_chat_template(messages)
     assert text == "<bos><start_of_turn>user\nWrite a haiku.<end_of_turn>\n<start_of_turn>model\n"

@@ -6,6 +6,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,13 @@ import pytest
 from localserve.errors import ModelLoadError
 from localserve.models.gguf_tokenizer import GGUFVocab, derive_merges, file_cache_key, load_gguf_tokenizer
 from localserve.models.tokenizer import Tokenizer
-from tests.models.tokenizer_builders import CORPUS, write_byte_level_gguf, write_sentencepiece_gguf
+from tests.models.tokenizer_builders import (
+    CORPUS,
+    default_tokenizer,
+    tokenizer_cache_dir,
+    write_byte_level_gguf,
+    write_sentencepiece_gguf,
+)
 
 TEXTS = [
     "",
@@ -80,13 +88,13 @@ TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def tokenizer_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tokenizer_cache")
+def tokenizer_cache() -> Path:
+    return tokenizer_cache_dir()
 
 
 @pytest.fixture(scope="session")
-def gemma_tok(default_gguf, tokenizer_cache) -> Tokenizer:
-    return Tokenizer.from_gguf(default_gguf, cache_dir=tokenizer_cache)
+def gemma_tok(default_gguf) -> Tokenizer:
+    return default_tokenizer(default_gguf)
 
 
 @pytest.fixture(scope="session")
@@ -146,27 +154,37 @@ def test_gemma_special_tokens(gemma_tok):
     assert gemma_tok.decode([105, 9259, 106]) == "Hello"
 
 
+SECOND_START = """
+import sys, time
+from localserve.models import gguf_tokenizer
+from localserve.models.tokenizer import Tokenizer
+
+def no_conversion(*args, **kwargs):
+    raise AssertionError("a cache hit must neither read the GGUF vocabulary nor convert it")
+
+gguf_tokenizer.GGUFVocab.read = no_conversion
+gguf_tokenizer.build_tokenizer = no_conversion
+best = 1e9
+for _ in range(3):
+    t0 = time.process_time()
+    tok = Tokenizer.from_gguf(sys.argv[1], cache_dir=sys.argv[2])
+    best = min(best, time.process_time() - t0)
+print(best, tok.encode("<start_of_turn>user\\nHi"))
+"""
+
+
 @pytest.mark.slow
-def test_gemma_cache_makes_second_load_fast(default_gguf, gemma_tok, tokenizer_cache, monkeypatch):
-    from localserve.models import gguf_tokenizer
-
+def test_gemma_cache_makes_second_load_fast(default_gguf, gemma_tok, tokenizer_cache):
+    """A later start (a fresh process) loads the converted tokenizer from the cache in under a
+    second. CPU time, best of three: wall time on a shared 2-core box measures the neighbours."""
     assert any(p.name.startswith(default_gguf.stem) for p in tokenizer_cache.iterdir())
-
-    def no_conversion(*args, **kwargs):
-        raise AssertionError("a cache hit must neither read the GGUF vocabulary nor convert it")
-
-    monkeypatch.setattr(gguf_tokenizer.GGUFVocab, "read", no_conversion)
-    monkeypatch.setattr(gguf_tokenizer, "build_tokenizer", no_conversion)
-    # CPU time, best of two: the wall clock on a shared 2-core box measures the neighbours
-    timings = []
-    for _ in range(2):
-        t0 = time.process_time()
-        again = Tokenizer.from_gguf(default_gguf, cache_dir=tokenizer_cache)
-        timings.append(time.process_time() - t0)
-    assert min(timings) < 1.0, f"cached load took {timings} s of CPU"
-    for text in TEXTS[:20]:
-        assert again.encode(text) == gemma_tok.encode(text)
-    assert again.eos_token_ids == gemma_tok.eos_token_ids
+    out = subprocess.run(
+        [sys.executable, "-c", SECOND_START, str(default_gguf), str(tokenizer_cache)],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout.split(" ", 1)
+    seconds, ids = float(out[0]), json.loads(out[1])
+    assert seconds < 1.0, f"cached load took {seconds:.2f} s of CPU"
+    assert ids == gemma_tok.encode("<start_of_turn>user\nHi")
 
 
 @pytest.mark.slow
@@ -264,6 +282,14 @@ def test_damaged_cache_entry_is_rebuilt(tiny_ggufs, tmp_path):
     (entry / "tokenizer.json").write_text("{not json")
     again = Tokenizer.from_gguf(tiny_ggufs["spm"], cache_dir=cache)
     assert again.encode("Hello world") == ref.encode("Hello world")
+    json.loads((entry / "tokenizer.json").read_text())  # the entry was rewritten whole
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+
+
+def test_unsupported_tokenizer_model():
+    md = {"general.architecture": "bert", "tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["[CLS]", "a"]}
+    with pytest.raises(ModelLoadError, match="unsupported GGUF tokenizer model 'bert'"):
+        Tokenizer.from_gguf(md)
 
 
 def test_from_metadata_mapping_uses_content_key(tiny_ggufs, tmp_path):

@@ -107,3 +107,23 @@ def write_sentencepiece_gguf(path: Path, architecture: str = "llama") -> Path:
     w.add_eos_token_id(2)
     _finish(w)
     return path
+
+
+_GEMMA: dict[str, object] = {}
+
+
+def default_tokenizer(gguf_path: Path):
+    """The default model's Tokenizer, converted once per test session: the conversion cache
+    lives under LOCALSERVE_HOME, which tests/conftest.py points at a session temp dir."""
+    from localserve.models.tokenizer import Tokenizer
+
+    key = str(gguf_path)
+    if key not in _GEMMA:
+        _GEMMA[key] = Tokenizer.from_gguf(gguf_path, cache_dir=tokenizer_cache_dir())
+    return _GEMMA[key]
+
+
+def tokenizer_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("LOCALSERVE_HOME", "/tmp")) / "tokenizer-cache"
