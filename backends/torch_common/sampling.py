@@ -173,37 +173,43 @@ def _apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingRow], idx: np.ndar
 
 
 def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow], idx: np.ndarray) -> None:
-    """Sparse over the tokens each row has seen: (row, token) pairs are unique, so index_put is
-    exact and no [S, V] count tensor is built."""
+    """Sparse over the tokens each row has seen; no [S, V] count tensor is built.
+
+    Two stages, in vLLM's order: the repetition penalty over prompt + output tokens (duplicate
+    (row, token) pairs are fine: every copy writes the same value, so the prompt needs no
+    dedup), then frequency and presence over the distinct output tokens with their counts.
+    """
     if not len(idx):
         return
-    r, t, c, rep, freq, pres = [], [], [], [], [], []
+    rep_r, rep_t, rep_v, out_r, out_t, out_c, freq, pres = ([] for _ in range(8))
     for i in idx:
         prm = rows[i].params
-        toks, counts = np.unique(np.asarray(rows[i].output_token_ids or (), dtype=np.int64), return_counts=True)
-        if prm.repetition_penalty != 1.0 and rows[i].prompt_token_ids:
-            # the repetition penalty also covers prompt tokens, with an output count of 0
-            prompt_only = np.setdiff1d(np.asarray(rows[i].prompt_token_ids, dtype=np.int64), toks)
-            toks = np.concatenate([toks, prompt_only])
-            counts = np.concatenate([counts, np.zeros(len(prompt_only), dtype=counts.dtype)])
-        n = len(toks)
-        r.append(np.full(n, i))
-        t.append(toks)
-        c.append(counts)
-        rep.append(np.full(n, prm.repetition_penalty))
-        freq.append(np.full(n, prm.frequency_penalty))
-        pres.append(np.full(n, prm.presence_penalty))
-    toks = np.concatenate(t)
-    if not len(toks):
-        return
-    assert toks.min() >= 0 and toks.max() < x.shape[1], "token id outside the vocabulary"
-    where = (_index(np.concatenate(r), x), _index(toks, x))
-    vals = x[where]
-    p_rep, count = _t(np.concatenate(rep), x.device), _t(np.concatenate(c).astype(np.float32), x.device)
-    vals = torch.where(vals > 0, vals / p_rep, vals * p_rep)
-    vals = vals - _t(np.concatenate(freq), x.device) * count
-    vals = vals - _t(np.concatenate(pres), x.device) * (count > 0).float()
-    x.index_put_(where, vals)
+        out = np.asarray(rows[i].output_token_ids or (), dtype=np.int64)
+        if prm.repetition_penalty != 1.0:
+            seen = np.concatenate([np.asarray(rows[i].prompt_token_ids or (), dtype=np.int64), out])
+            rep_r.append(np.full(len(seen), i))
+            rep_t.append(seen)
+            rep_v.append(np.full(len(seen), prm.repetition_penalty))
+        if prm.frequency_penalty != 0.0 or prm.presence_penalty != 0.0:
+            toks, counts = np.unique(out, return_counts=True)
+            out_r.append(np.full(len(toks), i))
+            out_t.append(toks)
+            out_c.append(counts)
+            freq.append(np.full(len(toks), prm.frequency_penalty))
+            pres.append(np.full(len(toks), prm.presence_penalty))
+    dev = x.device
+    for toks in (rep_t, out_t):
+        if toks and len(cat := np.concatenate(toks)):
+            assert cat.min() >= 0 and cat.max() < x.shape[1], "token id outside the vocabulary"
+    if rep_t and len(np.concatenate(rep_t)):
+        where = (_index(np.concatenate(rep_r), x), _index(np.concatenate(rep_t), x))
+        vals, p = x[where], _t(np.concatenate(rep_v), dev)
+        x.index_put_(where, torch.where(vals > 0, vals / p, vals * p))
+    if out_t and len(np.concatenate(out_t)):
+        where = (_index(np.concatenate(out_r), x), _index(np.concatenate(out_t), x))
+        count = _t(np.concatenate(out_c).astype(np.float32), dev)
+        vals = x[where] - _t(np.concatenate(freq), dev) * count
+        x.index_put_(where, vals - _t(np.concatenate(pres), dev) * (count > 0).float())
 
 
 # ----------------------------------------------------------------------------- random rows
@@ -212,18 +218,25 @@ def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow], idx: np.ndarr
 def _probabilities(x: torch.Tensor, idx: np.ndarray, temperature: np.ndarray) -> torch.Tensor:
     """softmax(x[idx] / temperature) as a new fp32 [R, V] tensor that the routes mask in place.
 
-    On CPU: written row by row into the reused scratch buffer, so no [R, V] temporary is made."""
+    On CPU it lives in the reused scratch buffer and the softmax runs in place, over all rows at
+    once (threads split rows), so no [R, V] temporary is made."""
     num, vocab = len(idx), x.shape[1]
+    inv_t = _t(1.0 / temperature, x.device)[:, None]
+    scaled = not (temperature == 1.0).all()
     if x.device.type != "cpu":
         z = x[_index(idx, x)].float()
-        return torch.softmax(z * _t(1.0 / temperature, x.device)[:, None], dim=-1)
+        return torch.softmax(z * inv_t if scaled else z, dim=-1)
     out = K.scratch(num, vocab)
-    if num == x.shape[0] and (temperature == 1.0).all():
-        return torch.softmax(x, dim=-1, dtype=torch.float32, out=out)
+    if num == x.shape[0]:  # idx is every row, in order
+        if not scaled:
+            return torch.softmax(x, dim=-1, dtype=torch.float32, out=out)
+        if x.dtype == torch.float32:
+            return torch.softmax(torch.mul(x, inv_t, out=out), dim=-1, out=out)
     for j, i in enumerate(idx):
-        xi = x[i] if temperature[j] == 1.0 else x[i].float() * float(np.float32(1.0 / temperature[j]))
-        torch.softmax(xi, dim=-1, dtype=torch.float32, out=out[j])
-    return out
+        out[j].copy_(x[i])  # converts bf16
+    if scaled:
+        out.mul_(inv_t)
+    return torch.softmax(out, dim=-1, out=out)
 
 
 def _sample_random(
@@ -418,30 +431,25 @@ def _fill_logprobs(
 ) -> None:
     """log_softmax of the raw logits for the rows that asked; other rows hold NaN / -1.
 
-    log_softmax is one fused pass (cheaper than logsumexp on CPU); on CPU it runs row by row so
-    no [R, V] temporary is made."""
+    log_softmax is one fused pass (cheaper than logsumexp on CPU); on CPU it runs in place in the
+    scratch buffer, free again once the tokens are drawn."""
     idx = np.flatnonzero(batch.num_logprobs >= 0)
     k = int(batch.num_logprobs.max())
     sel = _index(idx, logits)
-    if logits.device.type == "cpu":
-        lps, tops, top_ids = [], [], []
-        for j, i in enumerate(idx):
-            logp = torch.log_softmax(logits[i], dim=-1, dtype=torch.float32)
-            lps.append(logp[token_ids[i]])
-            if k:
-                v, ids = K.topk(logp[None], k)
-                tops.append(v[0])
-                top_ids.append(ids[0])
-        lp = torch.stack(lps)
-        top_lp, top_id = (torch.stack(tops), torch.stack(top_ids)) if k else (None, None)
-    else:
+    if logits.device.type != "cpu":
         logp = torch.log_softmax(logits[sel].float(), dim=-1)
-        lp = logp.gather(1, token_ids[sel][:, None]).squeeze(1)
-        top_lp, top_id = K.topk(logp, k) if k else (None, None)
+    elif len(idx) == logits.shape[0]:
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=K.scratch(*logits.shape))
+    else:
+        logp = K.scratch(len(idx), logits.shape[1])
+        for j, i in enumerate(idx):
+            logp[j].copy_(logits[i])
+        logp = torch.log_softmax(logp, dim=-1, out=logp)
     num = logits.shape[0]
     out.logprobs = np.full(num, np.nan, dtype=np.float32)
-    out.logprobs[idx] = lp.cpu().numpy()
+    out.logprobs[idx] = logp.gather(1, token_ids[sel][:, None]).squeeze(1).cpu().numpy()
     if k:
+        top_lp, top_id = K.topk(logp, k)
         out.top_ids = np.full((num, k), -1, dtype=np.int64)
         out.top_logprobs = np.full((num, k), np.nan, dtype=np.float32)
         out.top_ids[idx] = top_id.cpu().numpy()
