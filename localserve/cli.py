@@ -60,6 +60,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="shared system prompt length (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="localserve engine max_num_seqs")
     p.add_argument("--num-blocks", type=int, default=None, help="localserve KV blocks (default: 4x what the workload holds at once, at least 8k tokens)")
+    p.add_argument("--quiet-wait", type=float, default=d.quiet_wait, metavar="SECONDS",
+                   help="before each measured run wait up to SECONDS for other processes to use <10%% "
+                   "of the CPU (default: %(default)s, no wait)")
+    p.add_argument("--retry-noisy", type=int, default=d.retry_noisy, metavar="N",
+                   help="measure a run again, up to N times, when other processes used >10%% of the CPU "
+                   "during it (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="write every raw figure and the machine info here")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table for BENCHMARKS.md")
     p.add_argument("--from-json", metavar="PATH", help="render a saved --json result instead of measuring")
@@ -80,7 +86,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
                 warmup=args.warmup, seed=args.seed, only=args.only, peer=args.peer, peer_ctx=args.peer_ctx,
                 decode_tokens=args.decode_tokens, prefill_tokens=args.prefill_tokens,
                 concurrency=args.concurrency, concurrent_tokens=args.concurrent_tokens,
-                prefix_tokens=args.prefix_tokens, max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks,
+                prefix_tokens=args.prefix_tokens, quiet_wait=args.quiet_wait,
+                retry_noisy=args.retry_noisy, max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks,
             )
         except ValueError as exc:
             print(f"localserve bench: {exc}", file=sys.stderr)

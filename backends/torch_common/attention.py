@@ -87,6 +87,8 @@ class TorchPagedAttention:
         seq_lens = plan.seq_lens.astype(np.int64)
         tables = plan.block_tables
         bs = plan.block_size
+        # new tokens are the last ones of each sequence: the masks below are built on that
+        assert np.array_equal(plan.positions[qsl[1:] - 1], seq_lens - 1), "positions vs seq_lens"
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(plan.slot_mapping.astype(np.int64)), decode=None
         )

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 # Weight formats a torch backend can hold a linear in.
-WEIGHT_FORMATS = ("dense", "int8", "int4")
+WEIGHT_FORMATS = ("dense", "int8", "q8", "int4")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -96,21 +96,34 @@ class Int4Linear:
         n, k = weight.shape
         assert k % group_size == 0, f"in_features {k} not a multiple of group {group_size}"
         wg = weight.float().reshape(n, k // group_size, group_size)
-        lo = wg.amin(dim=-1, keepdim=True)
-        hi = wg.amax(dim=-1, keepdim=True)
-        scale = ((hi - lo) / 15.0).clamp(min=1e-12)
-        q = torch.round((wg - lo) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
-        zero = lo + 8.0 * scale
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-        self.scales_and_zeros = (
-            torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], dim=-1)
-            .contiguous()
-            .to(act_dtype)
-        )
-        self.group_size = group_size
+        lo = wg.amin(dim=-1)
+        hi = wg.amax(dim=-1)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-12)  # [N, G]
+        q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        self._set(q.reshape(n, k), scale, lo, group_size, act_dtype)
         self.bias = bias
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                   group_size: int, act_dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
+        """W = codes * scale + offset per group; codes int in [0, 15] [N, K]; scale, offset [N, G]."""
+        self = cls.__new__(cls)
+        n = codes.shape[0]
+        self._set(codes.reshape(n, -1), scale, offset, group_size, act_dtype)
+        self.bias = None
+        return self
+
+    def _set(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+             group_size: int, act_dtype: torch.dtype) -> None:
+        # tinygemm dequantizes (code - 8) * scale + zero, so zero = offset + 8 * scale
+        zero = offset + 8.0 * scale
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes.to(torch.int32).contiguous(), 1
+        )
+        self.scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(act_dtype)
+        self.group_size = group_size
         self.act_dtype = act_dtype
-        self.n = n
+        self.n = int(codes.shape[0])
 
     @property
     def out_features(self) -> int:
@@ -118,12 +131,15 @@ class Int4Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.packed, self.group_size, self.scales_and_zeros
-        ).to(x.dtype)
+        y = self.mm(x.reshape(-1, shape[-1]).to(self.act_dtype)).to(x.dtype)
         y = y.reshape(*shape[:-1], self.n)
         return y if self.bias is None else y + self.bias
+
+    def mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """[M, K] in act_dtype → [M, N] in act_dtype."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.packed, self.group_size, self.scales_and_zeros
+        )
 
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + (
@@ -131,19 +147,74 @@ class Int4Linear:
         )
 
 
-Linear = DenseLinear | Int8Linear | Int4Linear
+class Int8GroupLinear:
+    """Symmetric int8 with one scale per group of 32 inputs (GGML's Q8_0), run as two int4 matmuls.
+
+    q = 16 * hi + lo with hi in [-8, 7], lo in [0, 15]: W = d * q is exactly
+    (hi + 8) * 16d - 128d  +  lo * d, two int4 layers (codes in [0, 15]) sharing the input.
+    Same bytes as per-row int8, but from a Q8_0 source it reproduces the file's weights
+    (up to bf16 scales) instead of re-rounding them to one scale per row, which matters
+    most for the output layer.
+    """
+
+    __slots__ = ("hi", "lo", "qweight", "group_scales", "bias", "n")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 group_size: int = 32, act_dtype: torch.dtype = torch.bfloat16) -> None:
+        n, k = weight.shape
+        wg = weight.float().reshape(n, k // group_size, group_size)
+        d = (wg.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)  # [N, G]
+        q = torch.round(wg / d[..., None]).clamp(-127, 127).to(torch.int32)
+        hi = torch.div(q, 16, rounding_mode="floor")
+        lo = q - 16 * hi
+        self.hi = Int4Linear.from_codes(hi + 8, 16.0 * d, -128.0 * d, group_size, act_dtype)
+        self.lo = Int4Linear.from_codes(lo, d, torch.zeros_like(d), group_size, act_dtype)
+        # row-indexable copy for embedding lookups of a tied output layer
+        self.qweight = q.to(torch.int8).reshape(n, k)
+        self.group_scales = d
+        self.bias = bias
+        self.n = n
+
+    @property
+    def out_features(self) -> int:
+        return self.n
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        q = self.qweight[ids].to(dtype)
+        g = self.group_scales.shape[1]
+        return (q.reshape(q.shape[0], g, -1) * self.group_scales[ids].to(dtype)[..., None]).reshape(
+            q.shape[0], -1
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.hi.act_dtype)
+        # the two halves are summed in float32: each is a bf16-rounded partial product
+        y = self.hi.mm(x2).float().add_(self.lo.mm(x2).float()).to(x.dtype)
+        y = y.reshape(*shape[:-1], self.n)
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        return self.hi.nbytes() + self.lo.nbytes()
+
+
+Linear = DenseLinear | Int8Linear | Int4Linear | Int8GroupLinear
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str,
                 dtype: torch.dtype) -> Linear:
     """A linear layer holding `weight` (float, [out, in]) in format `fmt`.
 
-    Falls back to dense where the quantized kernel cannot take the shape (int4 needs
-    in_features divisible by the group and out_features by 8... see _int4_ok).
+    "int8": per-row int8; "q8": int8 per group of 32 (Int8GroupLinear); "int4": int4 per
+    group of 32. The int4 kernels need shapes `_int4_ok` accepts; other shapes use int8.
     """
     if bias is not None:
         bias = bias.to(dtype)
     if fmt == "int8":
+        return Int8Linear(weight, bias)
+    if fmt == "q8":
+        if _int4_ok(weight.shape, 32):
+            return Int8GroupLinear(weight, bias)
         return Int8Linear(weight, bias)
     if fmt == "int4":
         if _int4_ok(weight.shape, 32):

@@ -72,6 +72,8 @@ class DecoderModel:
         h = self.w.embed(step.input_ids)
         for i, lw in enumerate(self.w.layers):
             h = self._layer(i, lw, h, step, kv[i])
+        if step.logits_rows.numel() == 0:  # a step of mid-prompt chunks only
+            return torch.empty(0, self.cfg.vocab_size)
         return self.logits(h[step.logits_rows])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

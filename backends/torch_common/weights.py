@@ -14,7 +14,7 @@ import torch
 from localserve.models.config import ModelConfig
 from localserve.models.weights import LoadedWeights
 
-from .layers import DenseLinear, Int8Linear, Linear, make_linear
+from .layers import DenseLinear, Int8GroupLinear, Int8Linear, Linear, make_linear
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,7 +50,9 @@ class LayerWeights:
 class Embedding:
     """Token embedding rows in the compute dtype, looked up from a dense or int8 table."""
 
-    def __init__(self, table: DenseLinear | Int8Linear, dtype: torch.dtype,
+    Table = DenseLinear | Int8Linear | Int8GroupLinear
+
+    def __init__(self, table: Table, dtype: torch.dtype,
                  scale: float | None) -> None:
         self.table = table
         self.dtype = dtype
@@ -61,6 +63,8 @@ class Embedding:
         t = self.table
         if isinstance(t, DenseLinear):
             x = t.weight[ids].to(self.dtype)
+        elif isinstance(t, Int8GroupLinear):
+            x = t.rows(ids, self.dtype)
         else:
             x = t.qweight[ids].to(self.dtype) * t.scales[ids].to(self.dtype)[:, None]
         return x if self.scale is None else x * self.scale
@@ -133,12 +137,12 @@ def build_torch_weights(weights: LoadedWeights, fmt: WeightFormat,
 
 
 def _head_and_table(cfg: ModelConfig, weights: LoadedWeights, embed_w: torch.Tensor,
-                    head_fmt: str, dtype: torch.dtype, dense) -> tuple[Linear, DenseLinear | Int8Linear]:
+                    head_fmt: str, dtype: torch.dtype, dense) -> tuple[Linear, Embedding.Table]:
     """The output layer and the table embeddings are looked up from, sharing memory when tied."""
     tied = cfg.tie_word_embeddings or "output.weight" not in weights.tensors
     head_w = embed_w if tied else dense("output.weight")
     head = make_linear(head_w, None, head_fmt, dtype)
-    if tied and isinstance(head, (DenseLinear, Int8Linear)):
+    if tied and isinstance(head, (DenseLinear, Int8Linear, Int8GroupLinear)):
         return head, head
     # int4 packing cannot be row-indexed: look up from an int8 copy (T rows per step)
     table = make_linear(embed_w, None, "dense" if head_fmt == "dense" else "int8", dtype)

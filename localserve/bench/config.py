@@ -25,6 +25,10 @@ class BenchConfig:
     concurrency: tuple[int, ...] = (4, 16)
     concurrent_tokens: int = 64
     prefix_tokens: int = 2000
+    # before each measured run, wait up to this many seconds for other processes to go quiet
+    quiet_wait: float = 0.0
+    # measure a run again (with fresh prompts) up to this many times when others used >10% of the CPU
+    retry_noisy: int = 0
     # localserve engine sizing; None keeps the EngineConfig default
     max_num_seqs: int | None = None
     num_blocks: int | None = None

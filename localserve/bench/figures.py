@@ -21,7 +21,7 @@ class Figure:
     samples: dict[str, list[float]] = field(default_factory=dict)  # engine -> one value per repeat
     details: dict[str, list[dict]] = field(default_factory=dict)  # engine -> raw facts per repeat
     notes: dict[str, str] = field(default_factory=dict)  # engine -> how it was served
-    # share of the machine's CPU other processes used during the repeats (0 = quiet)
+    # mean share of the machine's CPU other processes used during the measured runs (0 = quiet)
     foreign_cpu: float | None = None
 
     def median(self, engine: str) -> float | None:

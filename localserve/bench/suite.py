@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Callable
 
 from localserve.bench.config import BenchConfig
-from localserve.bench.figures import Figure, build_probes
+from localserve.bench.figures import Figure, Probe, build_probes
 from localserve.bench.machine import ForeignCpuMeter, load_average, machine_info
 from localserve.bench.prompts import DECODE_TEXT, PromptFactory, TextEncoder
 from localserve.bench.timing import Runner
 
 Log = Callable[[str], None]
+
+# other processes' CPU share above which a run counts as noisy
+NOISY = 0.1
 
 
 def _stderr(msg: str) -> None:
@@ -107,6 +110,61 @@ def _peer_skip_reason(cfg: BenchConfig, source: str) -> str | None:
     return None
 
 
+def wait_until_quiet(max_wait: float, log: Log, threshold: float = NOISY) -> float | None:
+    """Samples 1 s windows until other processes use under `threshold` of the CPU, at most max_wait s."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        meter = ForeignCpuMeter()
+        time.sleep(1.0)
+        share = meter.foreign_share()
+        if share is None or share < threshold:
+            return share
+        if time.monotonic() >= deadline:
+            log(f"  machine still busy ({share:.0%} of the CPU used by others) after {max_wait:.0f} s; measuring anyway")
+            return share
+
+
+def measure(probe: Probe, runners: list[Runner], prompts: PromptFactory, cfg: BenchConfig,
+            log: Log) -> list[Figure]:
+    """Warm-up, then repeats that interleave the engines (a burst of load elsewhere hits both alike)."""
+    figs = {f.key: f for f in probe.figures()}
+    for f in figs.values():
+        if f.key.startswith("concurrent"):
+            f.notes = {r.name: r.batch_mode for r in runners}
+    log(f"measuring {', '.join(f.label for f in figs.values())}")
+    for _ in range(cfg.warmup):
+        inputs = probe.inputs(prompts)
+        for r in runners:
+            probe.run(r, inputs)
+    for i in range(cfg.repeats):
+        inputs = probe.inputs(prompts)
+        for r in runners:
+            for attempt in range(cfg.retry_noisy + 1):
+                if cfg.quiet_wait > 0:
+                    wait_until_quiet(cfg.quiet_wait, log)
+                t0 = time.perf_counter()
+                meter = ForeignCpuMeter()
+                samples = probe.run(r, inputs)
+                foreign = meter.foreign_share()
+                if foreign is None or foreign <= NOISY or attempt == cfg.retry_noisy:
+                    break
+                log(f"  repeat {i + 1} {r.name}: others used {foreign:.0%} of the CPU, measuring again")
+                # the rerun needs prompts nothing has cached yet; the same lengths as before
+                inputs = probe.inputs(prompts)
+            for key, sample in samples.items():
+                figs[key].add(r.name, sample.value, {**sample.detail, "foreign_cpu": foreign})
+            log(f"  repeat {i + 1}/{cfg.repeats} {r.name}: "
+                + ", ".join(f"{k}={figs[k].samples[r.name][-1]:.1f}" for k in figs)
+                + f" ({time.perf_counter() - t0:.1f} s"
+                + (f", others used {foreign:.0%} of the CPU)" if foreign is not None else ")"))
+    for f in figs.values():
+        shares = [d["foreign_cpu"] for ds in f.details.values() for d in ds if d["foreign_cpu"] is not None]
+        f.foreign_cpu = sum(shares) / len(shares) if shares else None
+        if f.foreign_cpu is not None and f.foreign_cpu > NOISY:
+            log(f"  warning: other processes used {f.foreign_cpu:.0%} of the CPU while {f.key} ran")
+    return list(figs.values())
+
+
 def run_bench(cfg: BenchConfig, log: Log = _stderr) -> BenchResult:
     machine = machine_info()
     notes: list[str] = []
@@ -139,31 +197,7 @@ def run_bench(cfg: BenchConfig, log: Log = _stderr) -> BenchResult:
     figures: list[Figure] = []
     try:
         for probe in build_probes(cfg):
-            figs = {f.key: f for f in probe.figures()}
-            for f in figs.values():
-                f.notes = {r.name: r.batch_mode for r in runners} if f.key.startswith("concurrent") else {}
-            log(f"measuring {', '.join(f.label for f in figs.values())}")
-            for _ in range(cfg.warmup):
-                inputs = probe.inputs(prompts)
-                for r in runners:
-                    probe.run(r, inputs)
-            # repeats interleave the engines, so a burst of load elsewhere hits both alike
-            meter = ForeignCpuMeter()
-            for i in range(cfg.repeats):
-                inputs = probe.inputs(prompts)
-                for r in runners:
-                    t0 = time.perf_counter()
-                    for key, sample in probe.run(r, inputs).items():
-                        figs[key].add(r.name, sample.value, sample.detail)
-                    log(f"  repeat {i + 1}/{cfg.repeats} {r.name}: "
-                        + ", ".join(f"{k}={figs[k].samples[r.name][-1]:.1f}" for k in figs)
-                        + f" ({time.perf_counter() - t0:.1f} s)")
-            foreign = meter.foreign_share()
-            for f in figs.values():
-                f.foreign_cpu = foreign
-            if foreign is not None and foreign > 0.1:
-                log(f"  warning: other processes used {foreign:.0%} of the CPU while this figure ran")
-            figures += figs.values()
+            figures += measure(probe, runners, prompts, cfg, log)
     finally:
         for r in runners:
             r.close()

@@ -126,3 +126,26 @@ def hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
         out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
         past = out.past_key_values
     return tokens
+
+
+@torch.inference_mode()
+def hf_greedy_batch(model, prompts: list[list[int]], max_new: int, pad_id: int = 0) -> list[list[int]]:
+    """hf_greedy for several prompts in one left-padded batch (one forward per new token).
+
+    Only for prompts shorter than any sliding window: HF's window counts cache slots,
+    padding included.
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    tokens = []
+    for _ in range(max_new):
+        tok = out.logits[:, -1].argmax(-1)
+        tokens.append(tok)
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(tokens, dim=1).tolist()

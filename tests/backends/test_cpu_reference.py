@@ -17,7 +17,7 @@ from localserve.models.loader import load_weights
 from localserve.models.weights import LoadedWeights
 
 from ._plan_driver import PlanDriver
-from ._hf_reference import hf_greedy, hf_model
+from ._hf_reference import hf_greedy, hf_greedy_batch, hf_model
 
 TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"]
 BLOCK = 4
@@ -30,9 +30,9 @@ def backend_for(weights: LoadedWeights, weight_format: str = "dense", num_blocks
     from localserve.backends.cpu import CPUBackend
 
     be = CPUBackend()
-    # tiny models: one thread (ops of a few hundred floats only pay fork/join costs)
-    threads = 1 if weights.config.hidden_size < 256 else None
-    be.load(weights, BackendConfig(weight_format=weight_format, compile="off", num_threads=threads))
+    # one thread: correctness does not depend on it, and on a shared 2-core CI box a second
+    # thread waits at every op's barrier whenever another process holds a core
+    be.load(weights, BackendConfig(weight_format=weight_format, compile="off", num_threads=1))
     be.init_kv(num_blocks, block_size)
     return be
 
@@ -196,7 +196,7 @@ def test_default_gguf_matches_transformers(gemma_gguf, gemma_weights, gemma_dens
                           ("model.layers.3.self_attn.q_norm.weight", "blk.3.attn_q_norm.weight"),
                           ("model.norm.weight", "output_norm.weight")]:
         np.testing.assert_allclose(sd[hf_name].numpy() + 1.0, gemma_weights.dense(ours), rtol=1e-6)
-    ref = [hf_greedy(hf, p, MAX_NEW) for p in GEMMA_PROMPTS]
+    ref = hf_greedy_batch(hf, GEMMA_PROMPTS, MAX_NEW, pad_id=0)
     assert gemma_dense_outputs == ref
 
 
@@ -207,4 +207,5 @@ def test_default_gguf_fast_path_tracks_dense(gemma_weights, gemma_dense_outputs)
     fast = d.run([d.add(p, MAX_NEW) for p in GEMMA_PROMPTS])
     agree = [next((i for i, (a, b) in enumerate(zip(f, r)) if a != b), MAX_NEW)
              for f, r in zip(fast, gemma_dense_outputs)]
+    print("first divergence per prompt:", agree)
     assert min(agree) >= 4 and sum(agree) >= 0.6 * MAX_NEW * len(GEMMA_PROMPTS), agree
