@@ -44,7 +44,6 @@ class CPUBackend:
         self.kv_dtype = torch.float32
         self.cfg = BackendConfig()
         self._decode: CompiledDecode | None = None
-        self._load_bytes = 0
 
     @classmethod
     def probe(cls) -> list[DeviceInfo]:
@@ -55,7 +54,6 @@ class CPUBackend:
         torch.set_num_threads(cfg.num_threads or physical_cores())
         dtype = _DTYPES.get(cfg.dtype, torch.float32)  # "auto": float32 activations
         fmt_name = AUTO_WEIGHT_FORMAT if cfg.weight_format == "auto" else cfg.weight_format
-        before = available_ram_bytes()
         weights = build_torch_weights(model, WeightFormat.parse(fmt_name), dtype)
         mc = model.config
         attention = TorchPagedAttention(
@@ -64,7 +62,6 @@ class CPUBackend:
         )
         self.model = DecoderModel(mc, weights, attention, dtype)
         self.kv_dtype = _DTYPES.get(cfg.kv_dtype, dtype)
-        self._load_bytes = max(0, before - available_ram_bytes())
         use_compile = cfg.compile == "on" or (cfg.compile == "auto" and AUTO_COMPILE)
         self._decode = CompiledDecode(self.model) if use_compile else None
 

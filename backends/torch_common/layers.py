@@ -160,7 +160,8 @@ class Int8GroupLinear:
     __slots__ = ("hi", "lo", "qweight", "group_scales", "bias", "n")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 group_size: int = 32, act_dtype: torch.dtype = torch.bfloat16) -> None:
+                 group_size: int = 32, act_dtype: torch.dtype = torch.bfloat16,
+                 row_lookup: bool = False) -> None:
         n, k = weight.shape
         wg = weight.float().reshape(n, k // group_size, group_size)
         d = (wg.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)  # [N, G]
@@ -169,9 +170,9 @@ class Int8GroupLinear:
         lo = q - 16 * hi
         self.hi = Int4Linear.from_codes(hi + 8, 16.0 * d, -128.0 * d, group_size, act_dtype)
         self.lo = Int4Linear.from_codes(lo, d, torch.zeros_like(d), group_size, act_dtype)
-        # row-indexable copy for embedding lookups of a tied output layer
-        self.qweight = q.to(torch.int8).reshape(n, k)
-        self.group_scales = d
+        # row-indexable codes, kept only for embedding lookups through a tied output layer
+        self.qweight = q.to(torch.int8).reshape(n, k) if row_lookup else None
+        self.group_scales = d if row_lookup else None
         self.bias = bias
         self.n = n
 
@@ -180,6 +181,7 @@ class Int8GroupLinear:
         return self.n
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        assert self.qweight is not None, "built without row_lookup"
         q = self.qweight[ids].to(dtype)
         g = self.group_scales.shape[1]
         return (q.reshape(q.shape[0], g, -1) * self.group_scales[ids].to(dtype)[..., None]).reshape(
@@ -202,11 +204,12 @@ Linear = DenseLinear | Int8Linear | Int4Linear | Int8GroupLinear
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str,
-                dtype: torch.dtype) -> Linear:
+                dtype: torch.dtype, row_lookup: bool = False) -> Linear:
     """A linear layer holding `weight` (float, [out, in]) in format `fmt`.
 
     "int8": per-row int8; "q8": int8 per group of 32 (Int8GroupLinear); "int4": int4 per
     group of 32. The int4 kernels need shapes `_int4_ok` accepts; other shapes use int8.
+    `row_lookup`: the layer also serves embedding rows (a tied output layer).
     """
     if bias is not None:
         bias = bias.to(dtype)
@@ -214,7 +217,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str,
         return Int8Linear(weight, bias)
     if fmt == "q8":
         if _int4_ok(weight.shape, 32):
-            return Int8GroupLinear(weight, bias)
+            return Int8GroupLinear(weight, bias, row_lookup=row_lookup)
         return Int8Linear(weight, bias)
     if fmt == "int4":
         if _int4_ok(weight.shape, 32):

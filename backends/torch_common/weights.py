@@ -14,7 +14,14 @@ import torch
 from localserve.models.config import ModelConfig
 from localserve.models.weights import LoadedWeights
 
-from .layers import DenseLinear, Int8GroupLinear, Int8Linear, Linear, make_linear
+from .layers import (
+    WEIGHT_FORMATS,
+    DenseLinear,
+    Int8GroupLinear,
+    Int8Linear,
+    Linear,
+    make_linear,
+)
 
 
 @dataclass(slots=True, frozen=True)
@@ -26,11 +33,16 @@ class WeightFormat:
 
     @classmethod
     def parse(cls, name: str) -> "WeightFormat":
-        """"dense" | "int8" | "int4" | "<layers>+<lm_head>" (e.g. "int8+int4")."""
-        if "+" in name:
-            layers, head = name.split("+", 1)
-            return cls(layers, head)
-        return cls(name, name)
+        """"dense" | "int8" | "q8" | "int4", or "<layers>+<lm_head>" (e.g. "q8+int4")."""
+        layers, _, head = name.partition("+")
+        head = head or layers
+        for part in (layers, head):
+            if part not in WEIGHT_FORMATS:
+                raise ValueError(
+                    f"unknown weight format {name!r}: use one of {', '.join(WEIGHT_FORMATS)}"
+                    " or <layers>+<output layer>"
+                )
+        return cls(layers, head)
 
 
 @dataclass(slots=True)
@@ -48,7 +60,7 @@ class LayerWeights:
 
 
 class Embedding:
-    """Token embedding rows in the compute dtype, looked up from a dense or int8 table."""
+    """Token embedding rows in the compute dtype, from a dense, per-row int8 or q8 table."""
 
     Table = DenseLinear | Int8Linear | Int8GroupLinear
 
@@ -101,15 +113,12 @@ def build_torch_weights(weights: LoadedWeights, fmt: WeightFormat,
         return dense(name).to(dtype)
 
     def fused(names: list[str], with_bias: bool) -> Linear:
-        w = torch.cat([dense(n + ".weight") for n in names], dim=0)
+        ws = [dense(n + ".weight") for n in names]
         bias = None
-        if with_bias:
+        if with_bias:  # qwen2 has q/k/v biases; a missing one is zeros
             parts = [opt(n + ".bias") for n in names]
-            rows = [dense(n + ".weight").shape[0] for n in names] if None in parts else []
-            bias = torch.cat([
-                p if p is not None else torch.zeros(rows[i]) for i, p in enumerate(parts)
-            ])
-        return make_linear(w, bias, fmt.layers, dtype)
+            bias = torch.cat([b if b is not None else torch.zeros(w.shape[0]) for b, w in zip(parts, ws)])
+        return make_linear(torch.cat(ws, dim=0), bias, fmt.layers, dtype)
 
     layers = []
     for i in range(cfg.num_layers):
@@ -141,9 +150,10 @@ def _head_and_table(cfg: ModelConfig, weights: LoadedWeights, embed_w: torch.Ten
     """The output layer and the table embeddings are looked up from, sharing memory when tied."""
     tied = cfg.tie_word_embeddings or "output.weight" not in weights.tensors
     head_w = embed_w if tied else dense("output.weight")
-    head = make_linear(head_w, None, head_fmt, dtype)
+    head = make_linear(head_w, None, head_fmt, dtype, row_lookup=tied)
     if tied and isinstance(head, (DenseLinear, Int8Linear, Int8GroupLinear)):
         return head, head
-    # int4 packing cannot be row-indexed: look up from an int8 copy (T rows per step)
-    table = make_linear(embed_w, None, "dense" if head_fmt == "dense" else "int8", dtype)
+    # untied, or an int4 output layer (its packing cannot be row-indexed): a separate table,
+    # bf16 when the output layer is quantized (only T rows per step are read from it)
+    table = DenseLinear(embed_w.to(dtype if head_fmt == "dense" else torch.bfloat16))
     return head, table

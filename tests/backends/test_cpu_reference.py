@@ -185,6 +185,7 @@ def gemma_gguf(tmp_path_factory):
 
 @pytest.mark.slow
 def test_default_gguf_matches_transformers(gemma_gguf, gemma_weights, gemma_dense_outputs):
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
     from transformers import AutoModelForCausalLM
 
     path = str(gemma_gguf)
@@ -207,5 +208,27 @@ def test_default_gguf_fast_path_tracks_dense(gemma_weights, gemma_dense_outputs)
     fast = d.run([d.add(p, MAX_NEW) for p in GEMMA_PROMPTS])
     agree = [next((i for i, (a, b) in enumerate(zip(f, r)) if a != b), MAX_NEW)
              for f, r in zip(fast, gemma_dense_outputs)]
-    print("first divergence per prompt:", agree)
-    assert min(agree) >= 4 and sum(agree) >= 0.6 * MAX_NEW * len(GEMMA_PROMPTS), agree
+    # measured: [31, 23, 32, 32, 32] (int4 output layers diverge after 3-10 tokens)
+    assert min(agree) >= 8 and sum(agree) >= 0.7 * MAX_NEW * len(GEMMA_PROMPTS), agree
+
+
+# measured on these prompts: auto (q8) 6/6, int8 6/6, q8+int4 5/6, int4 3/6 (tiny random
+# weights with gain 3 are far more fragile than a trained model's)
+@pytest.mark.parametrize("fmt,min_agree", [("auto", 6), ("int8", 5), ("q8+int4", 4), ("int4", 2)])
+def test_quantized_formats_run_and_stay_close(fmt, min_agree):
+    """Every weight format runs the whole driver (tied output layer: q8 serves the embedding
+    lookups too) and its first greedy tokens agree with dense."""
+    weights = tiny_weights("tiny-qwen3")
+    prompts = prompts_for(weights, lengths=(3, 11, 26, 41, 17, 8), seed=4)
+    d = PlanDriver(backend_for(weights), NUM_BLOCKS, BLOCK)
+    dense = d.run([d.add(p, 4, chunk=9) for p in prompts])
+    d = PlanDriver(backend_for(weights, fmt), NUM_BLOCKS, BLOCK)
+    quant = d.run([d.add(p, 4, chunk=9) for p in prompts])
+    assert sum(a[0] == b[0] for a, b in zip(quant, dense)) >= min_agree
+
+
+def test_unknown_weight_format_is_rejected():
+    from localserve.backends.cpu import CPUBackend
+
+    with pytest.raises(ValueError, match="weight format"):
+        CPUBackend().load(load_weights("random:tiny-llama"), BackendConfig(weight_format="fp4"))

@@ -30,7 +30,7 @@ def test_int8_group_linear_reproduces_q8_0_weights():
     # a few loud blocks per row, as in real embedding rows: one scale per row then fits badly
     loud = 1.0 + 9.0 * (torch.rand(96, 8, 1) < 0.1)
     w = _q8_0((torch.randn(96, 8, 32) * loud).reshape(96, 256))
-    layer = Int8GroupLinear(w)
+    layer = Int8GroupLinear(w, row_lookup=True)
     rows = torch.tensor([0, 5, 95])
     # the row lookup (tied embeddings) is exact
     torch.testing.assert_close(layer.rows(rows, torch.float32), w[rows], rtol=1e-6, atol=1e-6)
