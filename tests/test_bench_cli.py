@@ -178,12 +178,11 @@ def test_noisy_runs_are_measured_again():
     from localserve.bench.suite import run_bench
 
     cfg = BenchConfig(model="random:tiny-llama", backend="cpu", peer=False, repeats=1, warmup=0, threads=1,
-                      only=("prefill",), prefill_tokens=32, retry_noisy=1, num_blocks=64)
+                      # a run of a few ms may fall between clock ticks: long enough to see the busy process
+                      only=("prefill",), prefill_tokens=1500, retry_noisy=1)
     busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
     try:
         logged: list[str] = []
-        # a run of a few ms may fall between clock ticks; keep it long enough to see the busy process
-        cfg.prefill_tokens = 1500
         result = run_bench(cfg, logged.append)
     finally:
         busy.kill()
@@ -191,3 +190,13 @@ def test_noisy_runs_are_measured_again():
     assert any("measuring again" in line for line in logged), logged
     (detail,) = result.figure("prefill").details["localserve"]
     assert detail["prompt_tokens"] == 1500 and detail["cached_tokens"] == 0
+
+
+def test_a_stuck_engine_is_reported_not_waited_on():
+    from localserve.bench.suite import run_bench
+
+    # 8 blocks of 16 tokens cannot hold a 200-token prompt: the engine never schedules it
+    cfg = BenchConfig(model="random:tiny-llama", backend="cpu", peer=False, repeats=1, warmup=0, threads=1,
+                      only=("prefill",), prefill_tokens=200, num_blocks=8)
+    with pytest.raises(Exception, match="no progress|too large|exceed|KV|block"):
+        run_bench(cfg, lambda line: None)

@@ -20,6 +20,7 @@ from .layers import (
     Int8GroupLinear,
     Int8Linear,
     Linear,
+    Q8KernelLinear,
     make_linear,
 )
 
@@ -33,7 +34,7 @@ class WeightFormat:
 
     @classmethod
     def parse(cls, name: str) -> "WeightFormat":
-        """"dense" | "int8" | "q8" | "int4", or "<layers>+<lm_head>" (e.g. "q8+int4")."""
+        """"dense" | "int8" | "q8" | "q8k" | "q8k8" | "int4", or "<layers>+<lm_head>" (e.g. "q8+int4")."""
         layers, _, head = name.partition("+")
         head = head or layers
         for part in (layers, head):
@@ -62,7 +63,7 @@ class LayerWeights:
 class Embedding:
     """Token embedding rows in the compute dtype, from a dense, per-row int8 or q8 table."""
 
-    Table = DenseLinear | Int8Linear | Int8GroupLinear
+    Table = DenseLinear | Int8Linear | Int8GroupLinear | Q8KernelLinear
 
     def __init__(self, table: Table, dtype: torch.dtype,
                  scale: float | None) -> None:
@@ -75,7 +76,7 @@ class Embedding:
         t = self.table
         if isinstance(t, DenseLinear):
             x = t.weight[ids].to(self.dtype)
-        elif isinstance(t, Int8GroupLinear):
+        elif isinstance(t, (Int8GroupLinear, Q8KernelLinear)):
             x = t.rows(ids, self.dtype)
         else:
             x = t.qweight[ids].to(self.dtype) * t.scales[ids].to(self.dtype)[:, None]
@@ -151,7 +152,7 @@ def _head_and_table(cfg: ModelConfig, weights: LoadedWeights, embed_w: torch.Ten
     tied = cfg.tie_word_embeddings or "output.weight" not in weights.tensors
     head_w = embed_w if tied else dense("output.weight")
     head = make_linear(head_w, None, head_fmt, dtype, row_lookup=tied)
-    if tied and isinstance(head, (DenseLinear, Int8Linear, Int8GroupLinear)):
+    if tied and isinstance(head, (DenseLinear, Int8Linear, Int8GroupLinear, Q8KernelLinear)):
         return head, head
     # untied, or an int4 output layer (its packing cannot be row-indexed): a separate table,
     # bf16 when the output layer is quantized (only T rows per step are read from it)

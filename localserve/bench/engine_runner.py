@@ -8,6 +8,11 @@ from localserve.bench.timing import BatchTiming, StreamTiming
 from localserve.engine.sampling_params import SamplingParams
 
 
+# A stream that goes this many steps without a token is stuck (e.g. a prompt larger than the KV
+# pool waits forever); chunked prefill of any prompt the bench builds needs far fewer.
+MAX_IDLE_STEPS = 10_000
+
+
 def greedy(max_tokens: int) -> SamplingParams:
     # ignore_eos: every engine does the same number of steps whatever the model says
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, seed=0)
@@ -29,9 +34,15 @@ class EngineRunner:
         rid = engine.add_request(prompt, greedy(max_tokens))
         times: list[float] = []
         cached = None
+        idle = 0
         while engine.has_unfinished():
             deltas = engine.step()
             now = time.perf_counter()
+            idle = 0 if deltas else idle + 1
+            if idle > MAX_IDLE_STEPS:
+                engine.abort(rid)
+                raise RuntimeError(f"the engine made no progress on a {len(prompt)}-token prompt "
+                                   f"in {MAX_IDLE_STEPS} steps (KV pool too small?)")
             for d in deltas:
                 if d.request_id == rid:
                     times += [now] * len(d.token_ids)
@@ -45,8 +56,15 @@ class EngineRunner:
         start = time.perf_counter()
         ids = [engine.add_request(p, greedy(max_tokens)) for p in prompts]
         counts = dict.fromkeys(ids, 0)
+        idle = 0
         while engine.has_unfinished():
-            for d in engine.step():
+            deltas = engine.step()
+            idle = 0 if deltas else idle + 1
+            if idle > MAX_IDLE_STEPS:
+                for i in ids:
+                    engine.abort(i)
+                raise RuntimeError(f"the engine made no progress on {len(prompts)} requests in {MAX_IDLE_STEPS} steps")
+            for d in deltas:
                 counts[d.request_id] += len(d.token_ids)
         wall = time.perf_counter() - start
         per = [counts[i] for i in ids]
