@@ -26,10 +26,11 @@ from .host import available_ram_bytes, physical_cores, total_ram_bytes
 
 # "auto" weight format: every linear as GGML Q8_0 (int8 codes, a scale per 32 inputs) run by
 # the compiled kernel in localserve.backends.cpu.kernels: block layers with int16-quantized
-# activations ("q8k"), the output layer with llama.cpp's int8 activations ("q8k8"). ~1.5x
-# the decode speed of "q8" (torch's int4 kernels) at the same teacher-forced agreement with
-# dense float32 (KL 0.0012 vs 0.0011); where the kernel does not build it is "q8".
-# See backends/cpu/PERF.md.
+# activations ("q8k"), the output layer with llama.cpp's int8 activations ("q8k8"). 1.4x the
+# single-stream and 2.1x the 16-stream decode speed of "q8" (torch's int4 kernels) at the
+# same teacher-forced agreement with dense float32 (top-1 0.970 / KL 0.0012 vs 0.979 /
+# 0.0011). All-"q8k" is more accurate (0.987 / 0.0008) but flips a near tie in the greedy
+# tracking test. Where the kernel does not build, both mean "q8". See backends/cpu/PERF.md.
 AUTO_WEIGHT_FORMAT = "q8k+q8k8"
 # "auto" compile: off. Inductor gained ~4% per decode step (the int4 matmuls dominate) for
 # ~45 s of compile at start-up; see backends/cpu/PERF.md
