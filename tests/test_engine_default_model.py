@@ -11,7 +11,7 @@ from localserve.engine.sampling_params import SamplingParams
 from localserve.errors import ContextOverflowError
 
 pytestmark = pytest.mark.slow
-WEIGHT_FORMAT = "dense"
+WEIGHT_FORMAT = "auto"
 
 PROMPTS = [
     "The capital of France is",

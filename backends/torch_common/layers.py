@@ -207,16 +207,13 @@ class Q8KernelLinear:
     products are integer. On AVX-512 VNNI the codes are held packed by 16 output rows
     (`pack16`), ~3x faster than row-major at 16 rows; otherwise row-major.
 
-    Rows beyond `max_kernel_rows` (prefill) dequantize the weight to bf16 per call and use a
-    dense matmul, 2-4x faster there: the kernel is a GEMV that does not reuse weights across
-    many rows. Not for weights over `max_dequant_elements` (the output layer, which sees one
-    row per sampled sequence): dequantizing them would cost more than the kernel.
+    Longer inputs (prefill) run in chunks of `max_kernel_rows` through the same kernel, so
+    each row's result is independent of the batch it is in.
     """
 
     __slots__ = ("qweight", "group_scales", "packed", "bias", "n", "k", "kernels", "act_bits")
 
     max_kernel_rows = 16
-    max_dequant_elements = 1 << 24
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels,
                  act_bits: int = 16, group_size: int = 32) -> None:
@@ -257,18 +254,19 @@ class Q8KernelLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] <= self.max_kernel_rows or self.n * self.k > self.max_dequant_elements:
-            x2 = x2.float().contiguous()
-            if self.packed is not None:
-                y = self.kernels.q8_linear_packed(x2, *self.packed, self.n, self.act_bits)
-            else:
-                y = self.kernels.q8_linear(x2, self.qweight, self.group_scales, 0, self.act_bits)
-            y = y.to(x.dtype)
-        else:
-            w = self.rows(torch.arange(self.n), torch.bfloat16)
-            y = F.linear(x2.to(torch.bfloat16), w).to(x.dtype)
+        # every row goes through the same integer kernel, in chunks of max_kernel_rows: a
+        # row's result never depends on what else is in the step (batched == alone)
+        x2 = x2.float().contiguous()
+        parts = [self._kernel(x2[i : i + self.max_kernel_rows])
+                 for i in range(0, x2.shape[0], self.max_kernel_rows)]
+        y = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.dtype)
         y = y.reshape(*shape[:-1], self.n)
         return y if self.bias is None else y + self.bias
+
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.kernels.q8_linear_packed(x2, *self.packed, self.n, self.act_bits)
+        return self.kernels.q8_linear(x2, self.qweight, self.group_scales, 0, self.act_bits)
 
     def nbytes(self) -> int:
         if self.packed is not None:

@@ -181,7 +181,9 @@ def test_q8k_backend_runs_and_stays_close_on_tiny_model():
             assert isinstance(be.model.w.layers[0].gate_up, Q8KernelLinear)
         d = PlanDriver(be, NUM_BLOCKS, BLOCK)
         outs[fmt] = d.run([d.add(p, 4, chunk=9) for p in prompts])
-    assert sum(a[0] == b[0] for a, b in zip(outs["q8k"], outs["dense"])) >= 6
+    # prefill runs the integer kernel too (activations quantized per row): on random tiny
+    # weights one near-tie among the six first tokens may flip
+    assert sum(a[0] == b[0] for a, b in zip(outs["q8k"], outs["dense"])) >= 5
 
 
 @pytest.mark.slow
