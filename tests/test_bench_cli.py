@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -174,29 +175,54 @@ def test_bench_default_gguf_side_by_side_with_llama_cpp(tmp_path, default_gguf):
     assert hit["llama.cpp"][0]["cached_tokens"] >= 48 and hit["localserve"][0]["cached_tokens"] >= 32
 
 
-def test_noisy_runs_are_measured_again():
-    from localserve.bench.suite import run_bench
+def test_the_meter_sees_another_process_using_the_cpu():
+    import time
 
-    cfg = BenchConfig(model="random:tiny-llama", backend="cpu", peer=False, repeats=1, warmup=0, threads=1,
-                      # a run of a few ms may fall between clock ticks: long enough to see the busy process
-                      only=("prefill",), prefill_tokens=1500, retry_noisy=1)
+    from localserve.bench.machine import ForeignCpuMeter
+
     busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
     try:
-        logged: list[str] = []
-        result = run_bench(cfg, logged.append)
+        time.sleep(0.3)  # the child is running its loop
+        meter = ForeignCpuMeter()
+        time.sleep(0.5)
+        share = meter.foreign_share()
     finally:
         busy.kill()
         busy.wait()
-    assert any("measuring again" in line for line in logged), logged
+    cores = len(os.sched_getaffinity(0))
+    # one spinning process holds one core for the whole window
+    assert share is not None and share >= 0.6 / cores, share
+    meter = ForeignCpuMeter()
+    quiet_share = meter.foreign_share()  # under 50 ms: too coarse to say
+    assert quiet_share is None
+
+
+def test_noisy_runs_are_measured_again(monkeypatch):
+    from localserve.bench import suite
+
+    shares = iter([0.6, 0.0])  # the first run saw another process, the rerun did not
+
+    class ScriptedMeter:
+        def foreign_share(self):
+            return next(shares)
+
+    monkeypatch.setattr(suite, "ForeignCpuMeter", ScriptedMeter)
+    cfg = BenchConfig(model="random:tiny-llama", backend="cpu", peer=False, repeats=1, warmup=0, threads=1,
+                      only=("prefill",), prefill_tokens=300, retry_noisy=1)
+    logged: list[str] = []
+    result = suite.run_bench(cfg, logged.append)
+    assert any("others used 60% of the CPU, measuring again" in line for line in logged), logged
     (detail,) = result.figure("prefill").details["localserve"]
-    assert detail["prompt_tokens"] == 1500 and detail["cached_tokens"] == 0
+    # the rerun used a fresh prompt nothing had cached, and its own share is what was recorded
+    assert detail["prompt_tokens"] == 300 and detail["cached_tokens"] == 0 and detail["foreign_cpu"] == 0.0
 
 
-def test_a_stuck_engine_is_reported_not_waited_on():
+def test_a_prompt_larger_than_the_kv_pool_is_refused_not_waited_on():
     from localserve.bench.suite import run_bench
+    from localserve.errors import ContextOverflowError
 
-    # 8 blocks of 16 tokens cannot hold a 200-token prompt: the engine never schedules it
+    # 8 blocks of 16 tokens cannot hold a 200-token prompt: the context is capped at 128
     cfg = BenchConfig(model="random:tiny-llama", backend="cpu", peer=False, repeats=1, warmup=0, threads=1,
                       only=("prefill",), prefill_tokens=200, num_blocks=8)
-    with pytest.raises(Exception, match="no progress|too large|exceed|KV|block"):
+    with pytest.raises(ContextOverflowError, match="maximum context length is 128 tokens"):
         run_bench(cfg, lambda line: None)

@@ -25,3 +25,17 @@ def test_engine_imports_without_torch():
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_every_package_in_the_tree_is_packaged():
+    """A plain (non-editable) `pip install .` ships exactly the packages pyproject lists."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {name: ROOT / path for name, path in setup["package-dir"].items()}
+    on_disk = set()
+    for name, path in dirs.items():
+        for init in path.rglob("__init__.py"):
+            rel = init.parent.relative_to(path).parts
+            on_disk.add(".".join((name, *rel)))
+    assert on_disk == set(setup["packages"])

@@ -8,8 +8,8 @@ from localserve.bench.timing import BatchTiming, StreamTiming
 from localserve.engine.sampling_params import SamplingParams
 
 
-# A stream that goes this many steps without a token is stuck (e.g. a prompt larger than the KV
-# pool waits forever); chunked prefill of any prompt the bench builds needs far fewer.
+# A stream that goes this many steps without a token is stuck (an engine bug: the engine caps the
+# context at the KV pool, so every request it accepts can finish); chunked prefill needs far fewer.
 MAX_IDLE_STEPS = 10_000
 
 

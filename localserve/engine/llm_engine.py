@@ -53,7 +53,10 @@ class LLMEngine:
         self.model_config = model_config
         self.tokenizer = tokenizer
         num_blocks = cfg.num_blocks or backend.kv_capacity(cfg.block_size)
-        max_context = min(cfg.max_context or model_config.max_context, model_config.max_context)
+        # one sequence must always fit in the pool on its own, or it could never finish: the
+        # context is capped by the KV capacity as well as by the model
+        max_context = min(cfg.max_context or model_config.max_context, model_config.max_context,
+                          num_blocks * cfg.block_size)
         backend.init_kv(num_blocks, cfg.block_size)
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None:

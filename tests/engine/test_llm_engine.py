@@ -67,6 +67,25 @@ def test_context_overflow_is_a_typed_error_not_truncation():
     assert not eng.has_unfinished()
 
 
+def test_a_small_kv_pool_caps_the_context_and_a_lone_sequence_always_finishes():
+    # 10 pages of 4 tokens: 40 tokens of KV, under the model's 96
+    eng = make_engine(num_blocks=10)
+    assert eng.max_context == 40
+    with pytest.raises(ContextOverflowError) as e:
+        eng.add_request(list(range(1, 45)), SamplingParams(max_tokens=1))
+    assert e.value.max_context == 40
+    # no max_tokens: it runs until the pool (the context) is full, then stops on length
+    p = SamplingParams(temperature=0.0, ignore_eos=True)
+    prompts = [list(range(1, 11)), list(range(2, 12))]
+    results = eng.generate(prompts, p)
+    for prompt, (seq,) in zip(prompts, results):
+        # both cannot fit at once: one was preempted and recomputed, and neither lost a token
+        assert seq.finish_reason == "length" and len(prompt) + len(seq.output_token_ids) == 40
+        assert seq.output_token_ids == reference_generate(prompt, p, seq.seed, VOCAB, {0}, 40)
+    assert eng.scheduler.num_preemptions > 0
+    eng.check_integrity()
+
+
 def test_abort_mid_generation_releases_pages():
     eng = make_engine(enable_prefix_cache=False)
     rid = eng.add_request(list(range(1, 20)), SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
