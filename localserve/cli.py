@@ -104,7 +104,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 # one registration function per subcommand; `up`, `pull`, ... add theirs here
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_bench_parser]
+from localserve.server.cli import add_up_parser  # noqa: E402 (argparse only; the server loads lazily)
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_up_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

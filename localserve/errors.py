@@ -51,5 +51,20 @@ class InvalidRequestError(LocalServeError):
 
 
 class EngineOverloadedError(LocalServeError):
+    """Too many requests running and queued; the client should retry after `retry_after` s."""
+
     status = 429
     code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelNotFoundError(LocalServeError):
+    status = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        super().__init__(f"The model {model!r} does not exist; this server serves: {', '.join(served)}")
+        self.model = model

@@ -25,4 +25,11 @@ def cache_dir() -> Path:
 
 
 def config_dir() -> Path:
-    return Path(platformdirs.user_config_dir(APP))
+    home = os.environ.get("LOCALSERVE_HOME")
+    return Path(home) / "config" if home else Path(platformdirs.user_config_dir(APP))
+
+
+def config_file() -> Path:
+    """LOCALSERVE_CONFIG names the file; else config.toml in the config dir."""
+    explicit = os.environ.get("LOCALSERVE_CONFIG")
+    return Path(explicit) if explicit else config_dir() / "config.toml"

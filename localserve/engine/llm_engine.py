@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from localserve.engine.backend import Backend
 from localserve.engine.detokenizer import IncrementalDetokenizer
-from localserve.engine.outputs import SeqDelta, TokenLogprob
+from localserve.engine.outputs import EngineStats, SeqDelta, TokenLogprob
 from localserve.engine.request import Request, RequestStatus
 from localserve.engine.sampling_params import SamplingParams
 from localserve.engine.scheduler import Scheduler, SchedulerConfig, TokenEvent
@@ -215,6 +215,23 @@ class LLMEngine:
     def check_integrity(self) -> None:
         with self._lock:
             self.scheduler.check_integrity()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            sched = self.scheduler
+            kv = sched.kv
+            free = kv.pool.num_free
+            evictable = kv.tree.evictable_pages()
+            return EngineStats(
+                num_running=len(sched.running),
+                num_waiting=len(sched.waiting),
+                kv_pages_used=kv.num_blocks - free - evictable,
+                kv_pages_cached=evictable,
+                kv_pages_total=kv.num_blocks,
+                prefix_hit_tokens=kv.prefix_hit_tokens,
+                prefix_query_tokens=kv.prefix_query_tokens,
+                num_preemptions=sched.num_preemptions,
+            )
 
 
 def _choice_seed(seed: int, index: int) -> int:

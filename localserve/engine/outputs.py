@@ -30,3 +30,17 @@ class SeqDelta:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    """A snapshot of the engine for metrics and status endpoints."""
+
+    num_running: int
+    num_waiting: int
+    kv_pages_used: int  # held by running requests (not counting evictable cached pages)
+    kv_pages_cached: int  # held only by the prefix cache; evictable
+    kv_pages_total: int
+    prefix_hit_tokens: int  # lifetime: prompt tokens served from the prefix cache
+    prefix_query_tokens: int  # lifetime: prompt tokens looked up
+    num_preemptions: int

@@ -27,6 +27,9 @@ class SamplingRow:
     # only filled when the params need them (penalties); else None
     prompt_token_ids: Sequence[int] | None = None
     output_token_ids: Sequence[int] | None = None
+    # grammar-constrained rows: xgrammar's packed mask for this sample, int32 [ceil(V / 32)],
+    # bit t % 32 of word t // 32 set iff token t is allowed; None = every token allowed
+    token_bitmask: np.ndarray | None = None
 
 
 @dataclass(slots=True)

@@ -48,6 +48,8 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     first_token_time: float | None = None
+    # localserve.engine.grammar.GrammarState while the output is grammar-constrained
+    grammar: Any = None
 
     def token_ids_slice(self, start: int, stop: int) -> list[int]:
         p = len(self.prompt_token_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from localserve.engine.guided import GuidedDecoding
 from localserve.errors import InvalidRequestError
 
 
@@ -27,6 +28,8 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # structured output (JSON schema, JSON object, regex, EBNF or choice); None = free text
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,6 +61,10 @@ class SamplingParams:
         for tok, bias in self.logit_bias.items():
             if not -100.0 <= bias <= 100.0:
                 bad(f"logit_bias for token {tok} must be in [-100, 100], got {bias}")
+        if self.guided is not None:
+            if not isinstance(self.guided, GuidedDecoding):
+                bad(f"guided must be a GuidedDecoding, got {type(self.guided).__name__}")
+            self.guided.validate()
 
     @property
     def greedy(self) -> bool:

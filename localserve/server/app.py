@@ -1,0 +1,99 @@
+"""The Litestar app factory: OpenAI routes, /health, /metrics, auth, CORS, body limit, errors.
+
+The model loads on a background thread after the app starts, so /health answers 503 while it
+loads and 200 once it serves; requests to /v1 before then get a 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from typing import Callable
+
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+
+from localserve import __version__
+from localserve.server import metrics as prom
+from localserve.server.errors import EXCEPTION_HANDLERS
+from localserve.server.openai_routes import ROUTES as OPENAI_ROUTES
+from localserve.server.state import STATE_KEY, ServerState, server_state
+
+log = logging.getLogger("localserve.server")
+
+# browsers on this machine only, unless --cors-origin says otherwise
+LOCALHOST_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+@get("/health", summary="Readiness: 200 when the model serves, 503 while it loads", tags=["server"])
+async def health(request: Request) -> Response:
+    state = server_state(request)
+    body = {"status": state.status, "model": state.served.name if state.served else state.model_ref}
+    if state.load_error:
+        body["error"] = state.load_error
+    return Response(body, status_code=200 if state.served else 503, media_type=MediaType.JSON)
+
+
+@get("/metrics", summary="Prometheus metrics", tags=["server"], media_type=prom.CONTENT_TYPE)
+async def metrics(request: Request) -> Response:
+    return Response(server_state(request).metrics.render(), media_type=prom.CONTENT_TYPE)
+
+
+def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """With API keys set, every /v1 route needs `Authorization: Bearer KEY` (or `x-api-key`)."""
+    keys = connection.app.state[STATE_KEY].api_keys
+    if not keys or not connection.url.path.startswith("/v1"):
+        return
+    auth = connection.headers.get("authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else connection.headers.get("x-api-key", "")
+    if not given:
+        raise NotAuthorizedException("missing API key: send 'Authorization: Bearer <key>'")
+    if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
+        raise NotAuthorizedException("invalid API key")
+
+
+def create_app(state: ServerState, *, load: Callable[[ServerState], None] | None = None,
+               cors_origins: tuple[str, ...] = (), max_body_bytes: int = 32 * 1024 * 1024) -> Litestar:
+    """`load` fills state.served (or state.load_error) and runs on a thread once the app starts."""
+
+    def start_loading(app: Litestar) -> None:
+        if load is not None and state.served is None:
+            threading.Thread(target=_load_guarded, args=(load, state), name="localserve-load", daemon=True).start()
+
+    def shutdown(app: Litestar) -> None:
+        if state.served is not None:
+            state.served.shutdown()
+
+    cors = CORSConfig(allow_origins=list(cors_origins),
+                      allow_origin_regex=None if cors_origins else LOCALHOST_ORIGINS,
+                      allow_methods=["*"], allow_headers=["*"])
+    return Litestar(
+        route_handlers=[*OPENAI_ROUTES, health, metrics],
+        state=_app_state(state),
+        guards=[api_key_guard],
+        cors_config=cors,
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=max_body_bytes,
+        openapi_config=OpenAPIConfig(title="localserve", version=__version__, path="/openapi"),
+        on_startup=[start_loading],
+        on_shutdown=[shutdown],
+    )
+
+
+def _app_state(state: ServerState):
+    from litestar.datastructures import State
+
+    return State({STATE_KEY: state})
+
+
+def _load_guarded(load: Callable[[ServerState], None], state: ServerState) -> None:
+    try:
+        load(state)
+    except Exception as exc:  # reported by /health and by every request, never a crash
+        log.error("loading %s failed: %s", state.model_ref, exc)
+        state.load_error = str(exc)

@@ -1,0 +1,129 @@
+"""`localserve up`: serve a model on localhost behind the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "gemma3:270m"
+
+
+def add_up_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "up",
+        help="serve a model on localhost (OpenAI-compatible API)",
+        description=(
+            "Serves MODEL (a .gguf file, a Hugging Face folder, random:NAME; default: the embedded "
+            "Gemma 3 270M) behind an OpenAI-compatible API at http://HOST:PORT/v1. Settings come from "
+            "flags, then LOCALSERVE_* environment variables (LOCALSERVE_PORT, LOCALSERVE_API_KEY=k1,k2, "
+            "...), then the [up] table of the config file (LOCALSERVE_CONFIG, else config.toml in the "
+            "user config dir)."
+        ),
+    )
+    p.add_argument("model", nargs="?", default=None, help="model reference (default: the embedded Gemma 3 270M)")
+    p.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 8000)")
+    p.add_argument("--backend", default=None, help="auto|cpu|cuda|rocm|mlx|tpu (default: auto)")
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, capped by KV memory)")
+    p.add_argument("--max-running", type=int, default=None,
+                   help="sequences decoded at once (default: 32)")
+    p.add_argument("--max-queued", type=int, default=None,
+                   help="sequences waiting beyond those; more get 429 + Retry-After (default: 256)")
+    p.add_argument("--api-key", dest="api_keys", action="append", default=None,
+                   help="require this key on /v1 routes (Authorization: Bearer KEY); repeatable")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: from MODEL)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all physical cores)")
+    p.add_argument("--kv-memory", type=float, default=None,
+                   help="fraction of free memory for KV pages (default: 0.25)")
+    p.add_argument("--cors-origin", dest="cors_origins", action="append", default=None,
+                   help="allow this browser origin (default: localhost origins only); repeatable")
+    p.add_argument("--max-body-mb", type=int, default=None, help="request body limit in MiB (default: 32)")
+    p.add_argument("--log-level", default=None, help="debug|info|warning|error (default: info)")
+    p.set_defaults(func=run_up)
+
+
+def served_name(model: str | None, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else model.rstrip("/")
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from localserve.server.settings import SettingsError, resolve_settings
+
+    flags = {k: getattr(args, k, None) for k in ("model", "host", "port", "backend", "ctx", "max_running",
+                                                  "max_queued", "api_keys", "served_model_name", "threads",
+                                                  "kv_memory", "cors_origins", "max_body_mb", "log_level")}
+    try:
+        settings = resolve_settings(flags)
+    except SettingsError as exc:
+        print(f"localserve up: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def serve(settings) -> int:
+    import uvicorn
+
+    from localserve.server.app import create_app
+    from localserve.server.state import ServerState
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    name = served_name(settings.model, settings.served_model_name)
+    state = ServerState(model_ref=name, backend=settings.backend, api_keys=settings.api_keys)
+    url = f"http://{_url_host(settings.host)}:{settings.port}"
+    say(f"localserve: serving {name} at {url}/v1 (loading the model...)")
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+        say(f"localserve: warning: listening on {settings.host} without an API key (--api-key)")
+    app = create_app(state, load=lambda st: _load(st, settings, name, url),
+                     cors_origins=settings.cors_origins, max_body_bytes=settings.max_body_mb * 1024 * 1024)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            access_log=settings.log_level.lower() == "debug", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run()  # returns after SIGINT/SIGTERM, once open requests are done or cancelled
+    if not server.started:
+        say(f"localserve: could not listen on {settings.host}:{settings.port}")
+        return 1
+    return 0
+
+
+def _load(state, settings, name: str, url: str) -> None:
+    from localserve.engine.backend import BackendConfig
+    from localserve.engine.llm_engine import EngineConfig
+    from localserve.runtime.loader import load_model
+    from localserve.server.served_model import ServedModel
+
+    backend_cfg = BackendConfig(num_threads=settings.threads, memory_utilization=settings.kv_memory,
+                                max_num_seqs=settings.max_running)
+    engine_cfg = EngineConfig(max_num_seqs=settings.max_running, max_context=settings.ctx)
+    loaded = load_model(settings.model, backend=settings.backend, backend_cfg=backend_cfg, engine_cfg=engine_cfg,
+                        name=name)
+    eng = loaded.engine
+    pages = eng.scheduler.kv.num_blocks
+    kv_tokens = pages * eng.scheduler.kv.block_size
+    say(f"localserve: model {name} ({loaded.config.architecture}, {loaded.source}) on backend {loaded.backend_name}")
+    say(f"localserve: context {eng.max_context} tokens; KV capacity {kv_tokens} tokens ({pages} pages); "
+        f"loaded in {loaded.load_seconds:.1f} s")
+    state.served = ServedModel(loaded, [name], _limits(settings), state.metrics)
+    say(f"localserve: ready at {url}/v1")
+
+
+def _limits(settings):
+    from localserve.server.served_model import Limits
+
+    return Limits(max_running=settings.max_running, max_queued=settings.max_queued)
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)

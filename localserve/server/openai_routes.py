@@ -1,0 +1,244 @@
+"""POST /v1/chat/completions, POST /v1/completions and GET /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import AsyncIterator
+
+import msgspec
+from litestar import Request, get, post
+from litestar.response import Stream
+
+from localserve.errors import InvalidRequestError, LocalServeError
+from localserve.server.errors import error_body
+from localserve.server.openai_adapter import (
+    chat_messages,
+    chat_params,
+    completion_params,
+    completion_prompts,
+)
+from localserve.server.openai_protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from localserve.server.openai_responses import ChoiceState, TokenText, UsageCounter, merge
+from localserve.server.served_model import ServedModel
+from localserve.server.state import served_model
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_encoder = msgspec.json.Encoder()
+
+
+def sse(payload) -> bytes:
+    return b"data: " + _encoder.encode(payload) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def until_disconnect(request: Request, work: asyncio.Future):
+    """Awaits `work`; if the client goes away first, cancels it (its requests are aborted and
+    their pages freed) and re-raises the cancellation."""
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work not in done:
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise asyncio.CancelledError("client disconnected")
+    return work.result()
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+# -- chat ------------------------------------------------------------------------------------------
+
+
+@post("/v1/chat/completions", summary="Create a chat completion", tags=["openai"])
+async def chat_completions(data: ChatCompletionRequest, request: Request) -> ChatCompletion:
+    arrival = time.monotonic()
+    served = served_model(request)
+    served.check_model(data.model)
+    if served.tokenizer is None:
+        raise InvalidRequestError("this model has no tokenizer or chat template: use /v1/completions with token ids")
+    params = chat_params(data, served.loaded.config.vocab_size)
+    kwargs = dict(data.chat_template_kwargs or {})
+    prompt = served.tokenizer.encode_chat(chat_messages(data.messages), add_generation_prompt=data.add_generation_prompt,
+                                          tools=data.tools, **kwargs)
+    streams = served.submit([prompt], params, arrival)
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        return Stream(_chat_stream(served, streams, data, include_usage), media_type="text/event-stream",
+                      headers=SSE_HEADERS)
+    return await until_disconnect(request, asyncio.ensure_future(_chat_whole(served, streams, data)))
+
+
+async def _chat_whole(served: ServedModel, streams, data: ChatCompletionRequest) -> ChatCompletion:
+    choices = [ChoiceState() for _ in range(data.n)]
+    usage = UsageCounter()
+    async for p, c, d in merge(streams, data.n):
+        _collect(choices[c], d)
+        usage.add(p, c, d)
+    text = TokenText(served.tokenizer)
+    return ChatCompletion(
+        id=_new_id("chatcmpl"), created=int(time.time()), model=served.name,
+        choices=[
+            ChatChoice(index=i, message=AssistantMessage(role="assistant", content="".join(ch.text)), finish_reason=ch.finish_reason,
+                       logprobs=text.chat_logprobs(ch.logprobs) if data.logprobs else None)
+            for i, ch in enumerate(choices)
+        ],
+        usage=usage.usage(),
+    )
+
+
+async def _chat_stream(served: ServedModel, streams, data: ChatCompletionRequest,
+                       include_usage: bool) -> AsyncIterator[bytes]:
+    rid, created, model = _new_id("chatcmpl"), int(time.time()), served.name
+    text = TokenText(served.tokenizer)
+    usage = UsageCounter()
+
+    def chunk(choices, u=None) -> bytes:
+        return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=u))
+
+    for i in range(data.n):
+        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+    try:
+        async for p, c, d in merge(streams, data.n):
+            usage.add(p, c, d)
+            if d.text or d.logprobs:
+                lp = text.chat_logprobs(d.logprobs) if data.logprobs and d.logprobs else None
+                yield chunk([ChatChunkChoice(index=c, delta=ChatDelta(content=d.text), logprobs=lp)])
+            if d.finished:
+                yield chunk([ChatChunkChoice(index=c, delta=ChatDelta(), finish_reason=d.finish_reason)])
+    except LocalServeError as exc:
+        yield sse(error_body(exc))
+    if include_usage:
+        yield chunk([], usage.usage())
+    yield SSE_DONE
+
+
+def _collect(state: ChoiceState, d) -> None:
+    state.text.append(d.text)
+    if d.logprobs:
+        state.logprobs.extend(d.logprobs)
+    if d.finished:
+        state.finish_reason, state.stop_reason = d.finish_reason, d.stop_reason
+
+
+# -- completions -----------------------------------------------------------------------------------
+
+
+@post("/v1/completions", summary="Create a completion", tags=["openai"])
+async def completions(data: CompletionRequest, request: Request) -> Completion:
+    arrival = time.monotonic()
+    served = served_model(request)
+    served.check_model(data.model)
+    vocab = served.loaded.config.vocab_size
+    params = completion_params(data, vocab)
+    prompts = completion_prompts(data.prompt, served.tokenizer, vocab)
+    if data.echo and params.logprobs:
+        raise InvalidRequestError("echo with logprobs (prompt logprobs) is not supported")
+    echoes = [_echo(served, p) if data.echo else "" for p in prompts]
+    streams = served.submit(prompts, params, arrival)
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        return Stream(_completion_stream(served, streams, data, echoes, include_usage),
+                      media_type="text/event-stream", headers=SSE_HEADERS)
+    return await until_disconnect(request, asyncio.ensure_future(_completion_whole(served, streams, data, echoes)))
+
+
+def _echo(served: ServedModel, prompt: list[int]) -> str:
+    return served.tokenizer.decode(prompt, skip_special_tokens=True) if served.tokenizer else ""
+
+
+async def _completion_whole(served: ServedModel, streams, data: CompletionRequest, echoes: list[str]) -> Completion:
+    n = data.n
+    choices = [ChoiceState(text=[echoes[i // n]]) for i in range(n * len(streams))]
+    usage = UsageCounter()
+    async for p, c, d in merge(streams, n):
+        _collect(choices[c], d)
+        usage.add(p, c, d)
+    text = TokenText(served.tokenizer)
+    return Completion(
+        id=_new_id("cmpl"), created=int(time.time()), model=served.name,
+        choices=[
+            CompletionChoice(index=i, text="".join(ch.text), finish_reason=ch.finish_reason,
+                             logprobs=text.completion_logprobs(ch.logprobs, 0) if data.logprobs is not None else None,
+                             stop_reason=ch.stop_reason)
+            for i, ch in enumerate(choices)
+        ],
+        usage=usage.usage(),
+    )
+
+
+async def _completion_stream(served: ServedModel, streams, data: CompletionRequest, echoes: list[str],
+                             include_usage: bool) -> AsyncIterator[bytes]:
+    rid, created, model = _new_id("cmpl"), int(time.time()), served.name
+    text = TokenText(served.tokenizer)
+    usage = UsageCounter()
+    offsets: dict[int, int] = {}
+
+    def chunk(choices, u=None) -> bytes:
+        return sse(Completion(id=rid, created=created, model=model, choices=choices, usage=u))
+
+    for c in range(data.n * len(streams)):
+        if echoes[c // data.n]:
+            yield chunk([CompletionChoice(index=c, text=echoes[c // data.n], finish_reason=None)])
+    try:
+        async for p, c, d in merge(streams, data.n):
+            usage.add(p, c, d)
+            lp = None
+            if data.logprobs is not None and d.logprobs:
+                lp = text.completion_logprobs(d.logprobs, offsets.get(c, 0))
+            offsets[c] = offsets.get(c, 0) + len(d.text)
+            if d.text or lp is not None or d.finished:
+                yield chunk([CompletionChoice(index=c, text=d.text, finish_reason=d.finish_reason, logprobs=lp,
+                                              stop_reason=d.stop_reason)])
+    except LocalServeError as exc:
+        yield sse(error_body(exc))
+    if include_usage:
+        yield chunk([], usage.usage())
+    yield SSE_DONE
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+@get("/v1/models", summary="List the served models", tags=["openai"])
+async def list_models(request: Request) -> ModelList:
+    served = served_model(request)
+    return ModelList(data=[ModelCard(id=name, created=served.created, max_model_len=served.max_context)
+                           for name in served.names])
+
+
+@get("/v1/models/{model_id:path}", summary="Describe a served model", tags=["openai"])
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    served = served_model(request)
+    model_id = model_id.lstrip("/")
+    served.check_model(model_id or "\0")
+    return ModelCard(id=model_id, created=served.created, max_model_len=served.max_context)
+
+
+ROUTES = [chat_completions, completions, list_models, get_model]

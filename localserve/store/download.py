@@ -1,0 +1,114 @@
+"""One file over HTTP into the store's partial/ directory, resumable, through huggingface_hub.
+
+A download lands in `partial/<key>.part`, where `key` names the content (its sha256 when
+known), so a later pull of the same file continues where an interrupted one stopped
+(an HTTP Range request). huggingface_hub's `http_get` streams it, retrying transient
+network errors with Range from the bytes it already has. Failures that make the partial
+file useless (a 4xx, a size or hash mismatch) delete it; transient ones keep it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from localserve.store.progress import ProgressBar, ProgressCallback, format_bytes
+from localserve.store.store import StoreError, sha256_file
+
+# room left free beyond the file itself
+DISK_MARGIN = 64 << 20
+
+
+class DownloadError(StoreError):
+    pass
+
+
+@dataclass(slots=True)
+class RemoteFile:
+    url: str
+    display_name: str
+    size: int | None
+    sha256: str | None
+    headers: dict[str, str]
+
+    def partial_key(self) -> str:
+        if self.sha256:
+            return f"sha256-{self.sha256}.part"
+        # no content hash: the URL and size name the content as well as we can
+        digest = hashlib.sha256(f"{self.url}\0{self.size}".encode()).hexdigest()[:32]
+        return f"url-{digest}.part"
+
+
+def check_free_space(directory: Path, need: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if need + DISK_MARGIN > free:
+        raise StoreError(
+            f"not enough disk space in {directory}: the download needs {format_bytes(need)}, "
+            f"{format_bytes(free)} free"
+        )
+
+
+def download(
+    remote: RemoteFile,
+    dest: Path,
+    on_progress: ProgressCallback | None = None,
+    show_progress: bool = True,
+) -> str:
+    """Downloads `remote` to `dest` (resuming what is there) and returns its sha256, checked
+    against `remote.sha256` when that is known."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.file_download import http_get
+
+    have = dest.stat().st_size if dest.exists() else 0
+    if remote.size is not None and have > remote.size:
+        dest.unlink()
+        have = 0
+    if remote.size is not None:
+        check_free_space(dest.parent, remote.size - have)
+    bar = partial(ProgressBar, on_update=on_progress, enabled=show_progress)
+    try:
+        with open(dest, "ab") as f:
+            http_get(
+                remote.url,
+                f,
+                resume_size=have,
+                headers=remote.headers,
+                expected_size=remote.size,
+                displayed_filename=remote.display_name,
+                tqdm_class=bar,  # type: ignore[arg-type]
+            )
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status is not None and 400 <= status < 500:
+            dest.unlink(missing_ok=True)  # the file is gone or forbidden: its bytes are useless
+        raise DownloadError(f"download of {remote.display_name} failed: HTTP {status or '?'} ({_first_line(e)})") from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            dest.unlink(missing_ok=True)
+            raise DownloadError(f"disk full while downloading {remote.display_name}; nothing was stored") from None
+        if "Consistency check failed" in str(e):
+            dest.unlink(missing_ok=True)
+            raise DownloadError(f"download of {remote.display_name} ended at the wrong size; nothing was stored") from None
+        raise DownloadError(f"download of {remote.display_name} failed: {e} (run pull again to resume)") from None
+    except Exception as e:  # transport errors (httpx) after huggingface_hub's own retries
+        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "huggingface_hub"):
+            raise
+        raise DownloadError(
+            f"download of {remote.display_name} failed: {type(e).__name__}: {e} (run pull again to resume)"
+        ) from None
+    sha = sha256_file(dest)
+    if remote.sha256 and sha != remote.sha256:
+        dest.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{remote.display_name}: sha256 mismatch (expected {remote.sha256}, got {sha}); "
+            "the download was corrupt and nothing was stored"
+        )
+    return sha
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
