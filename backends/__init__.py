@@ -9,7 +9,11 @@ from importlib.metadata import entry_points
 # `auto` tries these in order and takes the first whose probe() finds a device
 AUTO_ORDER = ("cuda", "rocm", "mlx", "tpu", "cpu")
 
-_BUILTIN = {"cpu": "localserve.backends.cpu:CPUBackend"}
+_BUILTIN = {
+    "cpu": "localserve.backends.cpu:CPUBackend",
+    "cuda": "localserve.backends.cuda:CUDABackend",
+    "rocm": "localserve.backends.rocm:ROCmBackend",
+}
 
 
 class BackendUnavailableError(RuntimeError):

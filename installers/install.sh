@@ -160,6 +160,8 @@ fi
 [ -n "$PREFIX" ] || PREFIX="$DATA_DIR/venv"
 PREFIX=$(abspath "$PREFIX")
 PREFIX=${PREFIX%/}
+# The prefix is deleted by --uninstall (after the manifest check); refuse the obvious disasters anyway.
+case $PREFIX in '' | / | "$HOME" | "${HOME%/}") die "--prefix must be a directory of its own, not '${PREFIX:-/}'" ;; esac
 [ -n "$BIN_DIR" ] || BIN_DIR="$HOME/.local/bin"
 BIN_DIR=$(abspath "$BIN_DIR")
 MANIFEST="$PREFIX/$MANIFEST_NAME"
@@ -230,7 +232,7 @@ launchd_plist() {
     cat <<EOF
 <?xml version="1.0" encoding="UTF-8"?>
 <!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
-<!-- Written by the localserve installer; removed by install.sh --uninstall. -->
+<!-- Written by the localserve installer; its uninstall option removes it (XML comments cannot hold a double dash). -->
 <plist version="1.0">
 <dict>
   <key>Label</key>
@@ -285,7 +287,7 @@ install_service() {
                 warn "launchctl bootstrap failed; load it later with: launchctl bootstrap $(launchd_domain) '$SERVICE_FILE'"
             say "logs: ~/Library/Logs/localserve.log"
         else
-            warn "launchctl not found: agent written but not loaded"
+            warn "launchctl not found: the agent is not loaded"
         fi
     elif systemd_usable; then
         run systemctl --user daemon-reload
@@ -331,8 +333,12 @@ if [ "$UNINSTALL" = 1 ]; then
         die "$PREFIX is not a venv made by this installer (no $MANIFEST_NAME): not touching it"
     fi
     _link=
+    _made_bin=
     if [ -f "$MANIFEST" ]; then
         _link=$(sed -n 's/^bin_link=//p' "$MANIFEST")
+        _made_bin=$(sed -n 's/^bin_dir_created=//p' "$MANIFEST")
+        _svc=$(sed -n 's/^service=//p' "$MANIFEST")
+        [ -z "$_svc" ] || SERVICE_FILE=$_svc
     fi
     [ -n "$_link" ] || _link="$BIN_DIR/localserve"
     say "uninstalling localserve from $PREFIX"
@@ -342,6 +348,10 @@ if [ "$UNINSTALL" = 1 ]; then
             "$PREFIX"/*) run rm -f "$_link" ;;
             *) say "leaving $_link: it points elsewhere" ;;
         esac
+    fi
+    # The bin dir goes only if this installer created it and nothing else moved in since.
+    if [ -n "$_made_bin" ] && [ -d "$_made_bin" ] && [ -z "$(ls -A "$_made_bin")" ]; then
+        run rmdir "$_made_bin"
     fi
     if [ -e "$PREFIX" ]; then
         run rm -rf "$PREFIX"
@@ -518,7 +528,8 @@ fi
 if [ "$DRY_RUN" = 1 ] && ! [ -x "$VPY" ]; then PROBE_PY=$PYTHON; else PROBE_PY=$VPY; fi
 
 if [ "$TORCH_PROBE" = 1 ]; then
-    if "$PROBE_PY" -m pip install --dry-run --no-deps --ignore-installed --quiet "$TORCH_SPEC" >/dev/null 2>&1; then
+    if "$PROBE_PY" -m pip install --dry-run --no-deps --ignore-installed --quiet --retries 1 --timeout 20 \
+        "$TORCH_SPEC" >/dev/null 2>&1; then
         say "torch: $TORCH_SPEC is available through your pip configuration"
     else
         TORCH_INDEX="$TORCH_INDEX_BASE/cpu"
@@ -596,6 +607,11 @@ if "+cu" in m.version("torch"):
     bad.append("torch " + m.version("torch"))
 print(" ".join(bad))')
         [ -z "$_cuda" ] || die "CUDA packages ended up in $PREFIX on a machine without an NVIDIA GPU: $_cuda"
+    else
+        # A CPU build in the user's find-links outranks PyPI's plain version (its local label sorts higher).
+        case $("$VPY" -c 'import importlib.metadata as m; print(m.version("torch"))') in
+            *+cpu*) warn "got a CPU torch on an NVIDIA machine (your pip config supplies one); pass --torch-index https://download.pytorch.org/whl/cu130 (your CUDA) to fix" ;;
+        esac
     fi
     "$PREFIX/bin/localserve" --help >/dev/null || die "$PREFIX/bin/localserve --help failed"
     say "installed: $("$VPY" -c 'import importlib.metadata as m; print("localserve", m.version("localserve"), "with torch", m.version("torch"))')"
@@ -606,9 +622,13 @@ fi
 
 LINK="$BIN_DIR/localserve"
 LINKED=0
+BIN_DIR_CREATED=0
+# Remember across re-runs that the bin dir is ours, so --uninstall may remove it once empty.
+[ "$(sed -n 's/^bin_dir_created=//p' "$MANIFEST" 2>/dev/null || true)" != "$BIN_DIR" ] || BIN_DIR_CREATED=1
 if [ -e "$LINK" ] && ! [ -L "$LINK" ]; then
     warn "$LINK exists and is not a symlink: leaving it; run $PREFIX/bin/localserve directly"
 else
+    [ -d "$BIN_DIR" ] || BIN_DIR_CREATED=1
     run mkdir -p "$BIN_DIR"
     run ln -sfn "$PREFIX/bin/localserve" "$LINK"
     LINKED=1
@@ -623,6 +643,7 @@ if [ "$DRY_RUN" = 0 ]; then
         printf 'extra=%s\n' "$EXTRA"
         printf 'source=%s\n' "$SOURCE"
         [ "$LINKED" = 0 ] || printf 'bin_link=%s\n' "$LINK"
+        [ "$BIN_DIR_CREATED" = 0 ] || printf 'bin_dir_created=%s\n' "$BIN_DIR"
         [ "$SERVICE" = 0 ] || printf 'service=%s\n' "$SERVICE_FILE"
     } >"$MANIFEST"
 fi
@@ -631,9 +652,14 @@ if [ "$LINKED" = 1 ]; then
     case ":${PATH:-}:" in
         *":$BIN_DIR:"*) ;;
         *)
+            case ${SHELL:-} in
+                */zsh) _rc=.zshrc ;;
+                */bash) _rc=.bashrc ;;
+                *) _rc=.profile ;;
+            esac
             say "$BIN_DIR is not on your PATH; add it, e.g.:"
             # shellcheck disable=SC2016 # $PATH is meant literally: the user's shell expands it
-            printf '    echo '\''export PATH="%s:$PATH"'\'' >> ~/.profile\n' "$BIN_DIR"
+            printf '    echo '\''export PATH="%s:$PATH"'\'' >> ~/%s\n' "$BIN_DIR" "$_rc"
             ;;
     esac
 fi

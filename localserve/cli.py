@@ -107,6 +107,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 from localserve.server.cli import add_up_parser  # noqa: E402 (argparse only; the server loads lazily)
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_up_parser, add_bench_parser]
+from localserve.store.cli import STORE_SUBCOMMANDS; SUBCOMMANDS += STORE_SUBCOMMANDS  # noqa: E402,E702 pull ls show rm quantize
 
 
 def build_parser() -> argparse.ArgumentParser:

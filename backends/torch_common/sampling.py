@@ -1,7 +1,8 @@
 """Token sampling on the backend's device, shared by the torch backends (cpu, cuda, rocm).
 
-`sample(logits [S, V], rows) -> ForwardOutput`, in vLLM v1's order: logprobs of the raw logits;
-logit_bias; repetition, frequency and presence penalties; greedy rows take the argmax; the other
+`sample(logits [S, V], rows) -> ForwardOutput`, in vLLM v1's order: the grammar bitmask of
+constrained rows (disallowed tokens to -inf, so their logprobs are under the masked distribution,
+as in vLLM v1); logprobs of those logits; logit_bias; repetition, frequency and presence penalties; greedy rows take the argmax; the other
 rows divide by their temperature, keep the tokens that min_p, top_k and top_p allow (top_p over
 the distribution renormalised after the other two) and draw by inverse CDF.
 
@@ -91,6 +92,7 @@ def sample(
         return ForwardOutput(token_ids=np.zeros(0, dtype=np.int64))
     if exact_sort is None:
         exact_sort = logits.device.type != "cpu"
+    logits = apply_token_bitmask(logits, rows)
     batch = BatchParams.from_rows(rows, vocab_size)
     modified = bool(batch.penalised.any() or batch.biased.any())
 
@@ -116,6 +118,42 @@ def sample(
     if (batch.num_logprobs >= 0).any():
         _fill_logprobs(out, logits, token_ids, batch)
     return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """logits with the tokens each row's `token_bitmask` disallows set to -inf: a new tensor
+    when some row has a mask (logits itself is not modified), else logits unchanged.
+
+    The packed masks ([M, ceil(V / 32)] int32, 32 KiB a row for a 262k vocabulary) go to the
+    device as they are and are unpacked there by shifts, with no loop over the vocabulary."""
+    idx = [i for i, r in enumerate(rows) if r.token_bitmask is not None]
+    if not idx:
+        return logits
+    num, vocab = logits.shape
+    packed = torch.from_numpy(np.stack([rows[i].token_bitmask for i in idx])).to(logits.device)
+    allowed = unpack_bitmask(packed, vocab)
+    if len(idx) == num:
+        return logits.masked_fill(~allowed, float("-inf"))
+    sel = _index(np.asarray(idx), logits)
+    out = logits.clone()
+    out[sel] = logits[sel].masked_fill(~allowed, float("-inf"))
+    return out
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def unpack_bitmask(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [M, vocab_size] from xgrammar's packed int32 [M, W] (bit t % 32 of word t // 32);
+    tokens past the mask's 32 * W are disallowed."""
+    shifts = _BIT_SHIFTS.get(packed.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[packed.device] = torch.arange(32, dtype=torch.int32, device=packed.device)
+    bits = ((packed.unsqueeze(-1) >> shifts) & 1).view(packed.shape[0], -1).bool()
+    if bits.shape[1] >= vocab_size:
+        return bits[:, :vocab_size]
+    pad = torch.zeros(bits.shape[0], vocab_size - bits.shape[1], dtype=torch.bool, device=bits.device)
+    return torch.cat([bits, pad], dim=1)
 
 
 def penalized_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -24,6 +24,46 @@ _FP32_TILES = interpreting()
 
 
 @triton.jit
+def _attend_block(start, q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                  b, kvh, kv_end, window, block_size, qk_scale, stride_ks, stride_kh, stride_bt,
+                  d, d_ok, BLOCK_N: tl.constexpr, FP32_TILES: tl.constexpr, IEEE: tl.constexpr):
+    """One BLOCK_N-key step of the online softmax: (m, l, acc) updated."""
+    k_pos = start + tl.arange(0, BLOCK_N)
+    k_ok = k_pos < kv_end
+    page = tl.load(block_tables_ptr + b * stride_bt + k_pos // block_size, mask=k_ok, other=0)
+    slot = page.to(tl.int64) * block_size + k_pos % block_size
+    kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    if FP32_TILES:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    else:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+    allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen no key yet keeps m = -inf: subtract 0 instead (p is 0 there)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, o_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
@@ -61,41 +101,21 @@ def _paged_attention_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(kv_begin, kv_end, BLOCK_N):
-            k_pos = start + tl.arange(0, BLOCK_N)
-            k_ok = k_pos < kv_end
-            page = tl.load(block_tables_ptr + b * stride_bt + k_pos // block_size, mask=k_ok, other=0)
-            slot = page.to(tl.int64) * block_size + k_pos % block_size
-            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            if FP32_TILES:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            else:
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * qk_scale
-            allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
-            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row that has seen no key yet keeps m = -inf: subtract 0 instead (p is 0 there)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        if FP32_TILES:
+            # the interpreter (numpy >= 2) cannot take loaded scalars as range() bounds
+            start = kv_begin
+            while start < kv_end:
+                m_i, l_i, acc = _attend_block(
+                    start, q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                    b, kvh, kv_end, window, block_size, qk_scale, stride_ks, stride_kh,
+                    stride_bt, d, d_ok, BLOCK_N, FP32_TILES, IEEE)
+                start += BLOCK_N
+        else:
+            for start in range(kv_begin, kv_end, BLOCK_N):
+                m_i, l_i, acc = _attend_block(
+                    start, q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                    b, kvh, kv_end, window, block_size, qk_scale, stride_ks, stride_kh,
+                    stride_bt, d, d_ok, BLOCK_N, FP32_TILES, IEEE)
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(o_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

@@ -65,6 +65,10 @@ class TokenizerGrammar:
             add_prefix_space=add_prefix_space,
         )
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2)
+        # spellings are checked after this token, as text in the middle of an output: decoders
+        # that strip a leading space (Llama 2) only do so at the start of a decode
+        self.context_id = tokenizer.encode(".", add_special_tokens=False)[-1]
+        self.context_text = tokenizer.decode([self.context_id], skip_special_tokens=False)
         self._stop_words = np.zeros(bitmask_words(vocab_size), dtype=np.int32)
         for t in self.stop_token_ids:
             self._stop_words[t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
@@ -77,7 +81,9 @@ class TokenizerGrammar:
         try:
             if kind == "json_schema":
                 return self.compiler.compile_json_schema(
-                    spec.schema_dict(), any_whitespace=spec.any_whitespace, strict_mode=True
+                    _bounded_strings_as_patterns(spec.schema_dict()),
+                    any_whitespace=spec.any_whitespace,
+                    strict_mode=True,
                 )
             if kind == "json_object":
                 return self.compiler.compile_json_schema(
@@ -90,6 +96,13 @@ class TokenizerGrammar:
             return self.compiler.compile_grammar(_choice_ebnf(spec.choice or []))
         except (RuntimeError, ValueError, TypeError) as e:
             raise InvalidRequestError(f"invalid {what}: {_xgr_message(e)}") from None
+
+    def text_in_context(self, ids: Sequence[int]) -> str | None:
+        """The text `ids` add after other output; None if it does not start cleanly."""
+        full = self.tokenizer.decode([self.context_id, *ids], skip_special_tokens=False)
+        if not full.startswith(self.context_text):
+            return None
+        return full[len(self.context_text):]
 
     def new_state(self, compiled: Any) -> GrammarState:
         return GrammarState(self, self.xgr.GrammarMatcher(compiled))
@@ -162,8 +175,8 @@ class GrammarState:
             return None
         g = self.grammar
         if last_token not in g.byte_fallback_ids and last_token not in g.special_token_ids:
-            head = g.tokenizer.decode([last_token], skip_special_tokens=False)
-            if head and g.tokenizer.encode(head, add_special_tokens=False) == [last_token]:
+            head = g.text_in_context([last_token])
+            if head is not None and self._spell(head, hold_back=False) == [last_token]:
                 ids = self._spell(head + forced)
                 if ids is not None:
                     ids = ids[: max_new + 1]
@@ -179,12 +192,13 @@ class GrammarState:
             return JumpForward(0, ids)
         return None
 
-    def _spell(self, text: str) -> list[int] | None:
-        tok = self.grammar.tokenizer
-        ids = tok.encode(text, add_special_tokens=False)
-        if not ids or tok.decode(ids, skip_special_tokens=False) != text:
-            return None  # the tokenizer does not round-trip this text
-        if len(ids) > 1 and text[-1] not in _HARD_END:
+    def _spell(self, text: str, hold_back: bool = True) -> list[int] | None:
+        """How the tokenizer writes `text` in the middle of an output; None where those tokens
+        do not decode back to it there (e.g. a tokenizer that prefixes a space)."""
+        ids = self.grammar.tokenizer.encode(text, add_special_tokens=False)
+        if not ids or self.grammar.text_in_context(ids) != text:
+            return None
+        if hold_back and len(ids) > 1 and text[-1] not in _HARD_END:
             ids = ids[:-1]
         return ids
 
@@ -244,6 +258,30 @@ def _vocab_kind(tokenizer: Any, xgr: Any) -> tuple[Any, bool]:
     ids = tokenizer.encode("a", add_special_tokens=False)
     first = tokenizer.id_to_piece(ids[0]) if ids else None
     return vocab_type, bool(first and first.startswith(space))
+
+
+# a JSON string character: no quote, backslash or control character (RFC 8259); escapes
+# are given up in length-bounded strings
+_STRING_CHAR = r'[^"\\\x00-\x1f]'
+
+
+def _bounded_strings_as_patterns(schema: Any) -> Any:
+    """A copy of schema where strings with minLength/maxLength (and no pattern, format, enum or
+    const) carry the equivalent pattern. xgrammar 0.2.8 compiles such strings to
+    `[^"\\\r\n]{m,n}`, which lets raw control characters in and so yields invalid JSON."""
+    if isinstance(schema, list):
+        return [_bounded_strings_as_patterns(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _bounded_strings_as_patterns(v) for k, v in schema.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not out.keys() & {"pattern", "format", "enum", "const"}:
+        lo, hi = out.get("minLength", 0), out.get("maxLength", "")
+        if isinstance(lo, int) and (hi == "" or isinstance(hi, int)):
+            out["pattern"] = f"^{_STRING_CHAR}{{{lo},{hi}}}$"
+            out.pop("minLength", None)  # xgrammar ignores them next to a pattern
+            out.pop("maxLength", None)
+    return out
 
 
 def _choice_ebnf(choices: Sequence[str]) -> str:

@@ -38,6 +38,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_context: int | None = None  # None: the model's context
     enable_prefix_cache: bool = True
+    enable_jump_forward: bool = True  # see SchedulerConfig
 
 
 class LLMEngine:
@@ -70,6 +71,7 @@ class LLMEngine:
                 block_size=cfg.block_size,
                 num_blocks=num_blocks,
                 enable_prefix_cache=cfg.enable_prefix_cache,
+                enable_jump_forward=cfg.enable_jump_forward,
             ),
             eos_token_ids=self.eos_token_ids,
         )
@@ -78,6 +80,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Request]] = {}
         self._detok: dict[int, IncrementalDetokenizer | None] = {}
+        self._grammar: Any = None  # localserve.engine.grammar.TokenizerGrammar, on first use
 
     # -- requests -------------------------------------------------------------------------
     def check_prompt(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -104,6 +107,7 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        compiled = self._compile_grammar(params) if params.guided is not None else None
         request_id = request_id or uuid.uuid4().hex
         base_seed = params.seed if params.seed is not None else random.getrandbits(62)
         with self._lock:
@@ -121,11 +125,26 @@ class LLMEngine:
                     # forks wait for the first choice's prompt, then share its pages
                     wait_for=seqs[0] if i > 0 else None,
                 )
+                if compiled is not None:
+                    req.grammar = self._grammar.new_state(compiled)
                 seqs.append(req)
                 self._detok[req.seq_id] = self._make_detokenizer(req)
                 self.scheduler.add(req)
             self._requests[request_id] = seqs
         return request_id
+
+    def _compile_grammar(self, params: SamplingParams) -> Any:
+        """The compiled grammar of params.guided (xgrammar loads on the first one; the
+        compiler caches repeated specs). InvalidRequestError names what is wrong with it."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("structured output needs a model with a tokenizer")
+        if self._grammar is None:
+            from localserve.engine.grammar import tokenizer_grammar
+
+            self._grammar = tokenizer_grammar(
+                self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids)
+            )
+        return self._grammar.compile(params.guided)
 
     def _make_detokenizer(self, req: Request) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
@@ -159,11 +178,19 @@ class LLMEngine:
             if req.request_id not in self._requests:
                 continue
             text = ""
+            token_ids = ev.token_ids
             det = self._detok.get(req.seq_id)
             if det is not None:
-                res = det.feed(ev.token_id)
-                text = res.text_delta
+                for i, tok in enumerate(token_ids):
+                    res = det.feed(tok)
+                    text += res.text_delta
+                    if res.stopped:
+                        break
                 if res.stopped:
+                    if len(token_ids) > i + 1:
+                        # a stop string inside jump-forward tokens: drop the ones after it
+                        del req.output_token_ids[i + 1 - len(token_ids):]
+                        token_ids = token_ids[: i + 1]
                     if not req.finished:
                         self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
                     elif isinstance(res.stop_reason, str):
@@ -182,7 +209,7 @@ class LLMEngine:
                 SeqDelta(
                     request_id=req.request_id,
                     index=req.index,
-                    token_ids=[ev.token_id],
+                    token_ids=token_ids,
                     text=text,
                     logprobs=lp,
                     finish_reason=req.finish_reason,
@@ -215,6 +242,11 @@ class LLMEngine:
     def check_integrity(self) -> None:
         with self._lock:
             self.scheduler.check_integrity()
+
+    def reset_prefix_cache(self) -> None:
+        """Drops every cached page no running request holds (vLLM's reset_prefix_cache)."""
+        with self._lock:
+            self.scheduler.kv.tree.reset()
 
     def stats(self) -> EngineStats:
         with self._lock:

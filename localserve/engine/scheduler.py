@@ -9,6 +9,7 @@ allows, so the recompute is often a cache hit) and it goes back to the front of 
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import numpy as np
 from localserve.engine.kv_cache_manager import KVCacheManager
 from localserve.engine.plan import ForwardOutput, Plan, SamplingRow
 from localserve.engine.request import Request, RequestStatus
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -27,6 +30,9 @@ class SchedulerConfig:
     block_size: int = 16
     num_blocks: int = 1024
     enable_prefix_cache: bool = True
+    # grammar-constrained requests append the text their grammar forces without a forward
+    # pass per token
+    enable_jump_forward: bool = True
 
 
 @dataclass(slots=True)
@@ -37,6 +43,13 @@ class TokenEvent:
     token_id: int
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
+    # jump-forward: what the output gained this step when it is more than [token_id] (the
+    # sampled token, possibly re-spelled, followed by the text the grammar forced after it)
+    jump_ids: list[int] | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.jump_ids if self.jump_ids is not None else [self.token_id]
 
 
 class Scheduler:
@@ -48,6 +61,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._scheduled: list[Request] = []
         self.num_preemptions = 0
+        self.num_forced_tokens = 0  # output tokens inserted by jump-forward, lifetime
 
     # -- queue ----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -183,6 +197,9 @@ class Scheduler:
         if p.needs_penalties:
             row.prompt_token_ids = req.prompt_token_ids
             row.output_token_ids = req.output_token_ids
+        if req.grammar is not None and req.grammar.masked:
+            # a copy: the state refills its mask in update, perhaps while a device still reads
+            row.token_bitmask = req.grammar.bitmask.copy()
         return row
 
     # -- update ---------------------------------------------------------------------------
@@ -212,13 +229,46 @@ class Scheduler:
                 if k and out.top_ids is not None:
                     ev.top = list(zip(out.top_ids[s, :k].tolist(), out.top_logprobs[s, :k].tolist()))
             events.append(ev)
+            if req.grammar is not None and not self._advance_grammar(req, ev):
+                continue
             self._check_stop(req, tok)
         return events
+
+    def _advance_grammar(self, req: Request, ev: TokenEvent) -> bool:
+        """Moves req's grammar past the sampled token, then appends what the grammar forces
+        next (jump-forward) and fills the mask for the next sample. False if it finished req."""
+        g = req.grammar
+        if not g.accept(ev.token_id):
+            # the backend sampled outside the mask: end the sequence rather than emit text
+            # that breaks the grammar
+            log.error("request %s: token %d violates its grammar", req.request_id, ev.token_id)
+            self.finish(req, RequestStatus.FINISHED_STOPPED)
+            return False
+        # jump-forward tokens have no logprobs, so requests that want them decode every token
+        if self.cfg.enable_jump_forward and not g.terminated and not req.params.logprobs:
+            room = self.cfg.max_context - req.num_tokens
+            if req.params.max_tokens is not None:
+                room = min(room, req.params.max_tokens - len(req.output_token_ids))
+            jump = g.jump_forward(ev.token_id, room)
+            if jump is not None:
+                # the sampled token is not in the KV cache yet, so it can still be re-spelled
+                if jump.num_replaced:
+                    req.output_token_ids[-1:] = jump.token_ids
+                    ev.jump_ids = list(jump.token_ids)
+                else:
+                    req.output_token_ids.extend(jump.token_ids)
+                    ev.jump_ids = [ev.token_id, *jump.token_ids]
+                self.num_forced_tokens += len(ev.jump_ids) - 1
+        g.fill_bitmask()
+        return True
 
     def _check_stop(self, req: Request, tok: int) -> None:
         p = req.params
         if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
             req.stop_reason = tok if tok in p.stop_token_ids else None
+            self.finish(req, RequestStatus.FINISHED_STOPPED)
+        elif req.grammar is not None and req.grammar.done:
+            # the grammar is complete and allows only a stop token next: stop without it
             self.finish(req, RequestStatus.FINISHED_STOPPED)
         elif p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
             self.finish(req, RequestStatus.FINISHED_LENGTH)

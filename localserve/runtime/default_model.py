@@ -37,7 +37,29 @@ def default_model_path() -> Path:
 
 
 def resolve_model_ref(ref: str | None) -> str:
-    """A model reference as the loaders take it; None and the aliases mean the embedded default."""
+    """A model reference as the loaders take it; None and the aliases mean the embedded default.
+
+    `random:...` and existing paths pass through; a store name (`gemma3:270m`,
+    `org/model:Q4_K_M`) becomes the file or folder the model store holds for it."""
     if ref is None or ref in ALIASES:
         return str(default_model_path())
-    return ref
+    if ref.startswith("random:") or Path(ref).expanduser().exists():
+        return ref
+    from localserve.errors import ModelLoadError
+    from localserve.store.default import DEFAULT_STORE_NAME, register_default
+    from localserve.store.names import parse_name
+    from localserve.store.resolve import resolve_store_path
+    from localserve.store.store import ModelNotInStoreError, ModelStore, StoreError
+
+    try:
+        store = ModelStore()
+        try:
+            path = resolve_store_path(ref, store)
+        except ModelNotInStoreError:
+            if parse_name(ref, default_tag=None).name != parse_name(DEFAULT_STORE_NAME).name:
+                raise
+            register_default(store, default_model_path())  # first use of the embedded default
+            path = resolve_store_path(ref, store)
+    except StoreError as e:
+        raise ModelLoadError(ref, f"{e}; not a file or folder either") from None
+    return ref if path is None else str(path)

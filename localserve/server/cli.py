@@ -109,8 +109,19 @@ def _load(state, settings, name: str, url: str) -> None:
     say(f"localserve: model {name} ({loaded.config.architecture}, {loaded.source}) on backend {loaded.backend_name}")
     say(f"localserve: context {eng.max_context} tokens; KV capacity {kv_tokens} tokens ({pages} pages); "
         f"loaded in {loaded.load_seconds:.1f} s")
+    _warm_up(eng)
     state.served = ServedModel(loaded, [name], _limits(settings), state.metrics)
     say(f"localserve: ready at {url}/v1")
+
+
+def _warm_up(engine) -> None:
+    """One short request before the ready line, so the first client does not pay for first-call
+    initialisation (kernel dispatch, allocator, thread pools); its pages are then evicted."""
+    from localserve.engine.sampling_params import SamplingParams
+
+    bos = engine.model_config.bos_token_id
+    engine.generate([[bos if bos is not None else 0] * 2], SamplingParams(max_tokens=2, temperature=0.0))
+    engine.reset_prefix_cache()
 
 
 def _limits(settings):

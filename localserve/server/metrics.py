@@ -48,7 +48,8 @@ class Counter:
         return self._values.get(labels, 0.0)
 
     def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        # the 0.0.4 text format names a counter family by its sample name, `_total` included
+        lines = [f"# HELP {self.name}_total {self.help}", f"# TYPE {self.name}_total counter"]
         values = self._values or ({(): 0.0} if not self.labelnames else {})
         for labels, v in sorted(values.items()):
             lines.append(f"{self.name}_total{_labels(self.labelnames, labels)} {_num(v)}")
@@ -66,7 +67,7 @@ class Gauge:
 
     def render(self) -> list[str]:
         sample = f"{self.name}_total" if self.kind == "counter" else self.name
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}", f"{sample} {_num(self.read())}"]
+        return [f"# HELP {sample} {self.help}", f"# TYPE {sample} {self.kind}", f"{sample} {_num(self.read())}"]
 
 
 @dataclass

@@ -76,7 +76,7 @@ def _new_id(prefix: str) -> str:
 # -- chat ------------------------------------------------------------------------------------------
 
 
-@post("/v1/chat/completions", summary="Create a chat completion", tags=["openai"])
+@post("/v1/chat/completions", status_code=200, summary="Create a chat completion", tags=["openai"])
 async def chat_completions(data: ChatCompletionRequest, request: Request) -> ChatCompletion:
     arrival = time.monotonic()
     served = served_model(request)
@@ -150,7 +150,7 @@ def _collect(state: ChoiceState, d) -> None:
 # -- completions -----------------------------------------------------------------------------------
 
 
-@post("/v1/completions", summary="Create a completion", tags=["openai"])
+@post("/v1/completions", status_code=200, summary="Create a completion", tags=["openai"])
 async def completions(data: CompletionRequest, request: Request) -> Completion:
     arrival = time.monotonic()
     served = served_model(request)
@@ -213,7 +213,8 @@ async def _completion_stream(served: ServedModel, streams, data: CompletionReque
             if data.logprobs is not None and d.logprobs:
                 lp = text.completion_logprobs(d.logprobs, offsets.get(c, 0))
             offsets[c] = offsets.get(c, 0) + len(d.text)
-            if d.text or lp is not None or d.finished:
+            # a model without a tokenizer has no text: its chunks still show the tokens' progress
+            if d.text or lp is not None or d.finished or served.tokenizer is None:
                 yield chunk([CompletionChoice(index=c, text=d.text, finish_reason=d.finish_reason, logprobs=lp,
                                               stop_reason=d.stop_reason)])
     except LocalServeError as exc:

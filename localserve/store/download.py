@@ -10,6 +10,7 @@ file useless (a 4xx, a size or hash mismatch) delete it; transient ones keep it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import shutil
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class RemoteFile:
     size: int | None
     sha256: str | None
     headers: dict[str, str]
+    git_sha1: str | None = None  # git blob id of a small non-LFS hub file
 
     def partial_key(self) -> str:
         if self.sha256:
@@ -60,27 +62,52 @@ def download(
 ) -> str:
     """Downloads `remote` to `dest` (resuming what is there) and returns its sha256, checked
     against `remote.sha256` when that is known."""
+    bar = partial(ProgressBar, on_update=on_progress, enabled=show_progress)
+    with open(dest, "ab") as f:
+        try:  # one writer per partial file: a second pull of the same file must not interleave
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DownloadError(f"{remote.display_name} is being downloaded by another pull right now") from None
+        have = f.tell()
+        if remote.size is not None and have > remote.size:
+            f.truncate(0)
+            have = 0
+        if remote.size is not None:
+            try:
+                check_free_space(dest.parent, remote.size - have)
+            except StoreError:
+                if have == 0:
+                    dest.unlink()
+                raise
+        _http_get(remote, f, have, bar, dest)
+    sha = sha256_file(dest)
+    if remote.git_sha1 and git_blob_sha1(dest) != remote.git_sha1:
+        dest.unlink(missing_ok=True)
+        raise DownloadError(f"{remote.display_name}: git blob id mismatch; the download was corrupt and nothing was stored")
+    if remote.sha256 and sha != remote.sha256:
+        dest.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{remote.display_name}: sha256 mismatch (expected {remote.sha256}, got {sha}); "
+            "the download was corrupt and nothing was stored"
+        )
+    return sha
+
+
+def _http_get(remote: RemoteFile, f, have: int, bar, dest: Path) -> None:
+    """huggingface_hub's streaming GET (Range from `have`), its errors as DownloadError."""
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.file_download import http_get
 
-    have = dest.stat().st_size if dest.exists() else 0
-    if remote.size is not None and have > remote.size:
-        dest.unlink()
-        have = 0
-    if remote.size is not None:
-        check_free_space(dest.parent, remote.size - have)
-    bar = partial(ProgressBar, on_update=on_progress, enabled=show_progress)
     try:
-        with open(dest, "ab") as f:
-            http_get(
-                remote.url,
-                f,
-                resume_size=have,
-                headers=remote.headers,
-                expected_size=remote.size,
-                displayed_filename=remote.display_name,
-                tqdm_class=bar,  # type: ignore[arg-type]
-            )
+        http_get(
+            remote.url,
+            f,
+            resume_size=have,
+            headers=remote.headers,
+            expected_size=remote.size,
+            displayed_filename=remote.display_name,
+            tqdm_class=bar,
+        )
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status is not None and 400 <= status < 500:
@@ -94,20 +121,25 @@ def download(
             dest.unlink(missing_ok=True)
             raise DownloadError(f"download of {remote.display_name} ended at the wrong size; nothing was stored") from None
         raise DownloadError(f"download of {remote.display_name} failed: {e} (run pull again to resume)") from None
-    except Exception as e:  # transport errors (httpx) after huggingface_hub's own retries
-        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "huggingface_hub"):
+    except Exception as e:  # transport errors after huggingface_hub's own retries
+        if not is_network_error(e):
             raise
         raise DownloadError(
             f"download of {remote.display_name} failed: {type(e).__name__}: {e} (run pull again to resume)"
         ) from None
-    sha = sha256_file(dest)
-    if remote.sha256 and sha != remote.sha256:
-        dest.unlink(missing_ok=True)
-        raise DownloadError(
-            f"{remote.display_name}: sha256 mismatch (expected {remote.sha256}, got {sha}); "
-            "the download was corrupt and nothing was stored"
-        )
-    return sha
+
+
+def is_network_error(e: BaseException) -> bool:
+    """A transport failure of huggingface_hub's HTTP client (connect, timeout, protocol)."""
+    return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
+
+
+def git_blob_sha1(path: Path) -> str:
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _first_line(e: Exception) -> str:

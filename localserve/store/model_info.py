@@ -38,13 +38,20 @@ class ModelSummary:
     name: str = ""
     chat_template: str | None = None
     tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type -> tensor count
+    matrix_params: int = 0  # weights of 2-D tensors (what backends quantize)
 
-    def kv_bytes(self, ctx: int, dtype: str = "bfloat16") -> int:
-        """K and V for `ctx` tokens over every layer; sliding layers hold at most their window."""
+    def kv_bytes(self, ctx: int, dtype: str = "float32", window_aware: bool = False) -> int:
+        """K and V for `ctx` tokens over every layer. The paged KV pool keeps the full context
+        on every layer; `window_aware` gives the floor where sliding layers keep only their window."""
         per_token_layer = 2 * self.num_kv_heads * self.head_dim * KV_DTYPE_BYTES[dtype]
+        if not window_aware or not self.sliding_window:
+            return per_token_layer * self.num_layers * ctx
         full = self.num_layers - self.num_sliding_layers
-        sliding_ctx = min(ctx, self.sliding_window) if self.sliding_window else ctx
-        return per_token_layer * (full * ctx + self.num_sliding_layers * sliding_ctx)
+        return per_token_layer * (full * ctx + self.num_sliding_layers * min(ctx, self.sliding_window))
+
+    def cpu_weight_bytes(self) -> int:
+        """What the CPU backend holds: matrices as Q8_0 (34 bytes per 32 weights), vectors F32."""
+        return self.matrix_params * 34 // 32 + (self.parameters - self.matrix_params) * 4
 
 
 def summarize_gguf(path: str | os.PathLike) -> ModelSummary:
@@ -90,6 +97,7 @@ def summarize_gguf(path: str | os.PathLike) -> ModelSummary:
             name=str(md.get("general.name", "")),
             chat_template=md.get("tokenizer.chat_template"),
             tensor_types=dict(counts),
+            matrix_params=sum(prod(i.shape) for i in infos if len(i.shape) >= 2),
         )
     finally:
         f.close()
@@ -111,11 +119,12 @@ def summarize_hf_folder(folder: str | os.PathLike) -> ModelSummary:
     folder = Path(folder)
     cfg_json = json.loads((folder / "config.json").read_text())
     cfg = config_from_hf(cfg_json, None, str(folder))
-    params, nbytes, dtypes = 0, 0, Counter()
+    params, matrices, nbytes, dtypes = 0, 0, 0, Counter()
     for st in sorted(folder.glob("*.safetensors")):
         for name, t in read_safetensors(st).items():
             n = prod(t.shape)
             params += n
+            matrices += n if len(t.shape) >= 2 else 0
             dtype = getattr(t, "ggml_type", None) or str(getattr(t, "dtype", "")).upper().replace("FLOAT", "F")
             nbytes += t.raw.nbytes if hasattr(t, "raw") else t.nbytes
             dtypes[dtype] += 1
@@ -144,6 +153,7 @@ def summarize_hf_folder(folder: str | os.PathLike) -> ModelSummary:
         name=cfg.name,
         chat_template=template,
         tensor_types=dict(dtypes),
+        matrix_params=matrices,
     )
 
 

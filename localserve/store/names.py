@@ -112,3 +112,8 @@ def split_stem(filename: str) -> tuple[str, str | None]:
             stem = cut[0]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
     return name, quant
+
+
+def clean_part(text: str) -> str:
+    """`text` as one valid name component (a folder name: `My Model (v2)` -> `My-Model-v2`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._") or "model"

@@ -37,8 +37,10 @@ class ProgressBar:
         stream: TextIO | None = None,
         on_update: ProgressCallback | None = None,
         enabled: bool = True,
-        **_tqdm_kwargs: object,  # unit, unit_scale, name, ...: bytes are the only unit here
+        unit: str = "B",
+        **_tqdm_kwargs: object,  # unit_scale, name, ...: tqdm's, not needed here
     ) -> None:
+        self.unit = unit
         self.total = total
         self.n = initial
         self.desc = desc
@@ -83,15 +85,24 @@ class ProgressBar:
         parts = [self.desc] if self.desc else []
         if self.total:
             pct = 100.0 * self.n / self.total
-            parts.append(f"{format_bytes(self.n)} / {format_bytes(self.total)} {pct:5.1f}%")
+            parts.append(f"{self._fmt(self.n)} / {self._fmt(self.total)} {pct:5.1f}%")
         else:
-            parts.append(format_bytes(self.n))
-        parts.append(f"{format_bytes(rate)}/s")
+            parts.append(self._fmt(self.n))
+        parts.append(f"{self._fmt(rate)}/s")
         if self.total and rate > 0 and self.n < self.total:
             parts.append(f"ETA {format_seconds((self.total - self.n) / rate)}")
         elif self.total and self.n >= self.total:
             parts.append(f"in {format_seconds(elapsed)}")
         return "  ".join(parts)
+
+    def _fmt(self, n: float) -> str:
+        if self.unit == "B":
+            return format_bytes(n)
+        for suffix in ("", "k", "M", "G"):
+            if abs(n) < 1000 or suffix == "G":
+                return f"{n:.1f}{suffix} {self.unit}"
+            n /= 1000
+        raise AssertionError
 
     def _draw(self, prefix: str, end: str = "") -> None:
         if not self.enabled:

@@ -94,11 +94,15 @@ class ModelStore:
     def write_manifest(self, m: Manifest) -> Path:
         for f in m.files:
             assert f.external is not None or self.has_blob(f.sha256), f"blob {f.sha256} missing"
-        path = self.manifest_path(StoreName(m.name, m.tag))
+        name = StoreName(m.name, m.tag)
+        replaced = self.get(name)
+        path = self.manifest_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(m.to_json())
         os.replace(tmp, path)
+        if replaced is not None and replaced.digests - m.digests:
+            self._gc_locked()  # callers hold lock(): the old version's blobs may be garbage now
         return path
 
     def get(self, name: StoreName) -> Manifest | None:

@@ -175,7 +175,7 @@ print(best, tok.encode("<start_of_turn>user\\nHi"))
 
 @pytest.mark.slow
 def test_gemma_cache_makes_second_load_fast(default_gguf, gemma_tok, tokenizer_cache):
-    """A later start (a fresh process) loads the converted tokenizer from the cache in under a
+    """A later start (a fresh process) loads the converted tokenizer from the cache in under two
     second. CPU time, best of three: wall time on a shared 2-core box measures the neighbours."""
     assert any(p.name.startswith(default_gguf.stem) for p in tokenizer_cache.iterdir())
     out = subprocess.run(
@@ -183,7 +183,7 @@ def test_gemma_cache_makes_second_load_fast(default_gguf, gemma_tok, tokenizer_c
         capture_output=True, text=True, check=True, timeout=120,
     ).stdout.split(" ", 1)
     seconds, ids = float(out[0]), json.loads(out[1])
-    assert seconds < 1.0, f"cached load took {seconds:.2f} s of CPU"
+    assert seconds < 2.0, f"cached load took {seconds:.2f} s of CPU"
     assert ids == gemma_tok.encode("<start_of_turn>user\nHi")
 
 

@@ -1,0 +1,336 @@
+"""CUDABackend: torch_common's decoder on an NVIDIA GPU, dense bf16/fp16 (fp32 for conformance).
+
+Attention, in order of preference (each falls back to the next with a logged reason, at load
+or at the warm-up; never at a request): FlashInfer (bf16/fp16 only) → the Triton kernel →
+torch SDPA over gathered pages. Decode steps replay CUDA graphs over padded batch-size buckets.
+Sampling runs on the device (torch_common.sampling): only the sampled ids reach the host.
+
+Memory: `BackendConfig.memory_utilization` is the fraction of the GPU's total memory this
+process may hold (vLLM's --gpu-memory-utilization): the KV pages get what is left of it after
+the weights and the peak of a warm-up step of max_num_batched_tokens tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from localserve.backends.torch_common.model import DecoderModel
+from localserve.backends.torch_common.sampling import sample
+from localserve.engine.backend import BackendConfig, Buckets, DeviceInfo
+from localserve.engine.plan import ForwardOutput, Plan, SamplingRow
+from localserve.engine.sampling_params import SamplingParams
+from localserve.errors import ModelLoadError
+from localserve.models.weights import LoadedWeights
+
+from . import device as gpu
+from .graphs import DecodeGraphs, capture_or_none, default_buckets
+from .inputs import DeviceRope, DeviceTorchAttention, step_inputs
+from .weights import build_device_weights
+
+log = logging.getLogger("localserve.backends.cuda")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# slack kept free of KV pages: CUDA graphs' pool, allocator fragmentation, cuBLAS workspaces
+_RESERVE_BYTES = 1 << 30
+ATTENTION_ORDER = ("flashinfer", "triton", "torch")
+
+
+class CUDABackend:
+    name: ClassVar[str] = "cuda"
+    platform: ClassVar[str] = "cuda"  # what device discovery looks for (rocm: "rocm")
+    attention_order: ClassVar[tuple[str, ...]] = ATTENTION_ORDER
+
+    def __init__(self, device: str | torch.device | None = None) -> None:
+        # `device` is for tests: "cpu" runs the same code with Triton's interpreter
+        self._device_override = torch.device(device) if device is not None else None
+        self.device = torch.device("cpu")
+        self.cfg = BackendConfig()
+        self.model: DecoderModel | None = None
+        self.weights: LoadedWeights | None = None
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_dtype = torch.bfloat16
+        self.rope: DeviceRope | None = None
+        self.graphs: DecodeGraphs | None = None
+        self.attention_name = ""
+        self.fallbacks: list[str] = []  # why each preferred attention was skipped
+        self.block_size = 16
+        self.num_blocks = 0
+        self._activation_peak = 0
+        self._warmed = False
+
+    # -- discovery --------------------------------------------------------------------
+    @classmethod
+    def probe(cls) -> list[DeviceInfo]:
+        return gpu.device_infos(cls.platform)
+
+    # -- load -------------------------------------------------------------------------
+    def load(self, model: LoadedWeights, cfg: BackendConfig) -> None:
+        self.cfg = cfg
+        if self._device_override is not None:
+            self.device = self._device_override
+        else:
+            reason = gpu.gpu_unavailable_reason(self.platform)
+            if reason is not None:
+                raise ModelLoadError(model.source, f"the {self.name} backend cannot run here: "
+                                     f"{reason}; use --backend cpu")
+            self.device = torch.device("cuda", cfg.device_index)
+            torch.cuda.set_device(self.device)
+            # fp32 conformance must be true fp32 (no TF32 in matmuls)
+            torch.backends.cuda.matmul.allow_tf32 = False
+        dtype = self._dtype(cfg)
+        self.kv_dtype = _DTYPES.get(cfg.kv_dtype, dtype)
+        self.weights = model
+        w = build_device_weights(model, dtype, self.device)
+        mc = model.config
+        self.model = DecoderModel(mc, w, None, dtype)  # attention chosen below
+        self.rope = DeviceRope(self.model, mc.max_context, self.device)
+        self._select_attention(self._attention_candidates(dtype))
+
+    def _dtype(self, cfg: BackendConfig) -> torch.dtype:
+        if cfg.dtype in _DTYPES:
+            return _DTYPES[cfg.dtype]
+        if self.device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _attention_candidates(self, dtype: torch.dtype) -> list[str]:
+        forced = os.environ.get("LOCALSERVE_ATTENTION")
+        order = list(self.attention_order)
+        if forced:
+            if forced not in order:
+                raise ValueError(f"LOCALSERVE_ATTENTION={forced!r}: use one of {', '.join(order)}")
+            order = order[order.index(forced):]
+        if "flashinfer" in order and (dtype == torch.float32 or self.device.type != "cuda"):
+            order.remove("flashinfer")
+            self.fallbacks.append("flashinfer: needs bf16/fp16 on a CUDA GPU")
+        return order
+
+    def _make_attention(self, kind: str):
+        mc = self.model.cfg
+        window = mc.sliding_window if any(mc.layer_is_sliding) else None
+        args = (mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.scale, window)
+        if kind == "flashinfer":
+            from .flashinfer_attention import FlashInferPagedAttention
+
+            return FlashInferPagedAttention(*args, self.model.dtype, self.kv_dtype, self.device,
+                                            backend=os.environ.get("LOCALSERVE_FLASHINFER_BACKEND", "fa2"))
+        if kind == "triton":
+            from localserve.backends.triton_kernels import triton_available
+
+            ok, why = triton_available()
+            if not ok:
+                raise RuntimeError(why)
+            from localserve.backends.triton_kernels.attention import TritonPagedAttention
+
+            return TritonPagedAttention(*args, self.device)
+        assert kind == "torch", kind
+        return DeviceTorchAttention(*args, device=self.device)
+
+    def _select_attention(self, candidates: list[str]) -> None:
+        for kind in candidates:
+            try:
+                self.model.attention = self._make_attention(kind)
+                self.attention_name = kind
+                return
+            except Exception as exc:  # ImportError, missing toolchain, unsupported shape...
+                self._note_fallback(kind, exc)
+        raise RuntimeError("no attention implementation works: " + "; ".join(self.fallbacks))
+
+    def _note_fallback(self, kind: str, exc: BaseException) -> None:
+        msg = f"{kind}: {type(exc).__name__}: {exc}"
+        self.fallbacks.append(msg)
+        log.warning("attention %s unavailable, falling back: %s", kind, msg)
+
+    # -- memory -----------------------------------------------------------------------
+    def _kv_bytes_per_block(self, block_size: int) -> int:
+        el = torch.empty(0, dtype=self.kv_dtype).element_size()
+        return self.model.cfg.kv_bytes_per_token(el) * block_size
+
+    @torch.inference_mode()
+    def kv_capacity(self, block_size: int) -> int:
+        """Blocks that fit in memory_utilization x total after weights and a warm-up step."""
+        assert self.model is not None, "load() first"
+        self._warm_up(block_size)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the warm-up's pages and activations go back to the driver
+        free, total = gpu.memory_report(self.device)
+        if self.device.type == "cpu":
+            budget = int(free * self.cfg.memory_utilization)
+        else:
+            used = total - free  # weights, context, workspaces, other processes
+            budget = int(total * self.cfg.memory_utilization) - used - self._activation_peak - _RESERVE_BYTES
+        blocks = budget // self._kv_bytes_per_block(block_size) - 1  # one scratch block
+        if blocks < 1:
+            need = self._kv_bytes_per_block(block_size) * 2 - budget
+            raise ModelLoadError(self.weights.source, gpu.out_of_memory_message(
+                "for the KV cache", need + max(budget, 0), max(budget, 0), total,
+                f"raise memory_utilization (now {self.cfg.memory_utilization}) or lower "
+                f"max_num_batched_tokens (now {self.cfg.max_num_batched_tokens})"))
+        return int(blocks)
+
+    def _warm_up(self, block_size: int) -> None:
+        """Runs a prefill of max_num_batched_tokens tokens over max_num_seqs sequences on
+        throw-away pages: measures the activation peak, compiles JIT kernels, and moves to the
+        next attention implementation if this one fails."""
+        self._warmed = True
+        tokens = max(1, self.cfg.max_num_batched_tokens)
+        seqs = max(1, min(self.cfg.max_num_seqs, tokens))
+        while True:
+            kv = None
+            try:
+                kv = self._allocate_kv(tokens // block_size + 2 * seqs + 1, block_size)
+                base = self._allocated()
+                self._reset_peak()
+                self._run_dummy_steps(kv, tokens, seqs, block_size)
+                self._activation_peak = max(0, self._peak() - base)
+                return
+            except torch.cuda.OutOfMemoryError as exc:
+                free, total = gpu.memory_report(self.device)
+                raise ModelLoadError(self.weights.source, gpu.out_of_memory_message(
+                    f"in a warm-up step of {tokens} tokens", self._peak(), free, total,
+                    "lower max_num_batched_tokens or max_num_seqs")) from exc
+            except Exception as exc:
+                order = list(self.attention_order)
+                rest = order[order.index(self.attention_name) + 1:]
+                self._note_fallback(self.attention_name, exc)
+                if not rest:
+                    raise
+                self._select_attention(rest)
+            finally:
+                del kv
+
+    def _run_dummy_steps(self, kv, tokens: int, seqs: int, block_size: int) -> None:
+        """A prefill of `tokens` tokens over `seqs` sequences, then one decode step of each."""
+        lens = np.full(seqs, tokens // seqs, dtype=np.int64)
+        lens[: tokens % seqs] += 1
+        lens = lens[lens > 0]
+        for plan in _dummy_plans(lens, block_size, self.model.cfg.vocab_size):
+            step = step_inputs(plan, self.rope, self.model.attention, self.device)
+            logits = self.model.forward(step, kv)
+            sample(logits, plan.sampling)
+            self._sync()
+
+    def _allocate_kv(self, num_blocks: int, block_size: int):
+        mc = self.model.cfg
+        cache = torch.zeros((mc.num_layers, 2, num_blocks * block_size, mc.num_kv_heads,
+                             mc.head_dim), dtype=self.kv_dtype, device=self.device)
+        return [(cache[i, 0], cache[i, 1]) for i in range(mc.num_layers)]
+
+    @torch.inference_mode()
+    def init_kv(self, num_blocks: int, block_size: int) -> None:
+        assert self.model is not None, "load() first"
+        if not self._warmed:  # the engine was given num_blocks and skipped kv_capacity()
+            self._warm_up(block_size)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv = []
+        self.graphs = None
+        try:
+            # one more block than the engine's: the scratch page padded graph rows write to
+            self.kv = self._allocate_kv(num_blocks + 1, block_size)
+        except torch.cuda.OutOfMemoryError as exc:
+            free, total = gpu.memory_report(self.device)
+            raise ModelLoadError(self.weights.source, gpu.out_of_memory_message(
+                f"allocating {num_blocks} KV blocks", self._kv_bytes_per_block(block_size) * (num_blocks + 1),
+                free, total, "use fewer blocks or a lower memory_utilization")) from exc
+        if self._use_graphs():
+            max_blocks = -(-self.model.cfg.max_context // block_size)
+            self.graphs = capture_or_none(
+                self.model, self.model.attention, self.rope, self.kv,
+                default_buckets(self.cfg.max_num_seqs), block_size, max_blocks, num_blocks,
+                self.device)
+            if self.graphs is None:
+                self.fallbacks.append("cuda graphs: capture failed (see the log)")
+
+    def _use_graphs(self) -> bool:
+        if self.device.type != "cuda" or self.cfg.compile == "off":
+            return False
+        return self.attention_name in ("flashinfer", "triton")
+
+    def shape_buckets(self) -> Buckets:
+        return Buckets(self.graphs.buckets if self.graphs is not None else ())
+
+    # -- the step ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: Plan) -> ForwardOutput:
+        assert self.model is not None and self.kv, "load() and init_kv() first"
+        if plan.num_tokens == 0:
+            return ForwardOutput(token_ids=np.zeros(0, dtype=np.int64))
+        if (self.graphs is not None and plan.is_decode_only
+                and plan.num_seqs <= self.graphs.max_batch):
+            logits = self.graphs.run(plan)
+            if len(plan.sample_idx) != plan.num_seqs:
+                logits = logits[torch.from_numpy(plan.sample_idx.astype(np.int64)).to(self.device)]
+        else:
+            step = step_inputs(plan, self.rope, self.model.attention, self.device)
+            logits = self.model.forward(step, self.kv)
+        return sample(logits, plan.sampling)
+
+    def close(self) -> None:
+        self.graphs = None
+        self.kv = []
+        self.model = None
+        self.rope = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- small helpers ----------------------------------------------------------------
+    def describe(self) -> dict:
+        """What this backend runs with (for logs and benchmark reports)."""
+        return {
+            "device": str(self.device),
+            "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "dtype": str(self.model.dtype).removeprefix("torch.") if self.model else None,
+            "attention": self.attention_name,
+            "cuda_graphs": list(self.graphs.buckets) if self.graphs else [],
+            "fallbacks": list(self.fallbacks),
+            "num_blocks": self.num_blocks,
+            "activation_peak_gib": round(self._activation_peak / gpu.GiB, 3),
+        }
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+
+def _dummy_plans(lens: np.ndarray, block_size: int, vocab_size: int) -> tuple[Plan, Plan]:
+    """A cold prefill of sequences of `lens` tokens on consecutive pages, then one decode step
+    of each; every sequence is sampled greedily in both."""
+    nblocks = (lens + block_size) // block_size  # room for the decode token
+    first = np.concatenate([[0], np.cumsum(nblocks)[:-1]])
+    tables = (first[:, None] + np.arange(int(nblocks.max()))[None, :]).astype(np.int32)
+    greedy = SamplingParams(temperature=0.0, max_tokens=2)
+    rows = [SamplingRow(params=greedy, seed=0, step=0) for _ in lens]
+    rng = np.random.default_rng(0)
+
+    def plan(positions: np.ndarray, seq_of_row: np.ndarray, qlens: np.ndarray, seq_lens) -> Plan:
+        slots = tables[seq_of_row, positions // block_size].astype(np.int64) * block_size \
+            + positions % block_size
+        return Plan(
+            seq_ids=list(range(len(lens))),
+            input_ids=rng.integers(0, vocab_size, len(positions)).astype(np.int64),
+            positions=positions.astype(np.int64), slot_mapping=slots,
+            query_start_loc=np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32),
+            seq_lens=np.asarray(seq_lens, dtype=np.int32), block_tables=tables,
+            sample_idx=np.arange(len(lens), dtype=np.int32), sampling=rows, block_size=block_size,
+        )
+
+    prefill = plan(np.concatenate([np.arange(n) for n in lens]),
+                   np.repeat(np.arange(len(lens)), lens), lens, lens)
+    decode = plan(lens.copy(), np.arange(len(lens)), np.ones_like(lens), lens + 1)
+    return prefill, decode

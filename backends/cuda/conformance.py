@@ -1,0 +1,167 @@
+"""Conformance of a GPU backend against the CPU reference, driven through LLMEngine.
+
+On the same small random weights: identical greedy tokens to CPUBackend (dense float32); the
+same tokens batched as alone; a prefix-cache hit gives the cold run's tokens; and, for low
+precision, last-row logits within a relative tolerance of the float32 reference. Used by
+tests/backends/test_cuda_backend.py (on the CPU under Triton's interpreter, and on a GPU) and
+by scripts/gpu_bench.py on the device machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from localserve.engine.backend import BackendConfig
+from localserve.engine.llm_engine import EngineConfig, LLMEngine
+from localserve.engine.sampling_params import SamplingParams
+from localserve.models.loader import load_weights
+from localserve.models.weights import LoadedWeights
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 96
+MAX_NEW = 24
+
+
+@dataclass(slots=True)
+class Check:
+    model: str
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def add(self, model: str, name: str, ok: bool, detail: str = "") -> None:
+        self.checks.append(Check(model, name, bool(ok), detail))
+
+    def lines(self) -> list[str]:
+        return [f"{'PASS' if c.ok else 'FAIL'} {c.model:12s} {c.name:22s} {c.detail}" for c in self.checks]
+
+
+def tiny_weights(name: str) -> LoadedWeights:
+    """A tiny random preset with norm weights around 1 (presets fill them with exactly 1)."""
+    w = load_weights(f"random:{name}")
+    rng = np.random.default_rng(7)
+    tensors = dict(w.tensors)
+    for n in tensors:
+        if n.endswith("norm.weight"):
+            tensors[n] = (1.0 + 0.3 * rng.standard_normal(tensors[n].shape)).astype(np.float32)
+    return dataclasses.replace(w, tensors=tensors)
+
+
+def _engine(backend, weights: LoadedWeights, cfg: BackendConfig, prefix_cache: bool) -> LLMEngine:
+    backend.load(weights, cfg)
+    return LLMEngine(backend, weights.config, None, EngineConfig(
+        block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS, max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens, enable_prefix_cache=prefix_cache))
+
+
+def _greedy(engine: LLMEngine, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
+    return [list(r[0].output_token_ids) for r in engine.generate(prompts, params)]
+
+
+def _prompts(vocab: int, lengths, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in lengths]
+
+
+def _cpu_reference():
+    from localserve.backends.cpu import CPUBackend
+
+    return CPUBackend(), BackendConfig(dtype="float32", weight_format="dense", compile="off",
+                                       num_threads=1, max_num_batched_tokens=64, max_num_seqs=8)
+
+
+def run_conformance(make_backend: Callable[[], object], models=("tiny-llama", "tiny-gemma3"),
+                    dtype: str = "float32", compile: str = "auto",
+                    logits_rtol: float | None = None, max_new: int = MAX_NEW,
+                    lengths=(5, 19, 33, 47)) -> Report:
+    """Checks `make_backend()` instances (fresh for every engine) against CPUBackend.
+
+    dtype float32: tokens must equal the reference. Lower precision: pass logits_rtol, and the
+    token checks are made between runs of the backend itself (batched vs alone, hit vs cold).
+    """
+    report = Report()
+    cfg = BackendConfig(dtype=dtype, compile=compile, max_num_batched_tokens=64, max_num_seqs=8)
+    for name in models:
+        weights = tiny_weights(name)
+        vocab = weights.config.vocab_size
+        # lengths run past tiny-gemma3's window of 16 and across several 16-token pages
+        prompts = _prompts(vocab, lengths, seed=1)
+
+        batched = _greedy(_engine(make_backend(), weights, cfg, True), prompts, max_new)
+        if dtype == "float32":
+            ref_be, ref_cfg = _cpu_reference()
+            ref = _greedy(_engine(ref_be, weights, ref_cfg, True), prompts, max_new)
+            report.add(name, "greedy == cpu reference", batched == ref,
+                       f"{sum(a == b for a, b in zip(batched, ref))}/{len(ref)} sequences equal")
+            if not all(len(set(r)) > min(3, max_new // 4) for r in ref):
+                report.add(name, "non-degenerate", False, "the reference repeats itself")
+        alone_engine = _engine(make_backend(), weights, cfg, False)
+        alone = [_greedy(alone_engine, [p], max_new)[0] for p in prompts]
+        report.add(name, "batched == alone", batched == alone,
+                   f"{sum(a == b for a, b in zip(batched, alone))}/{len(alone)} sequences equal")
+
+        shared, tail_a, tail_b = _prompts(vocab, (40, 7, 11), seed=2)
+        cold = _greedy(_engine(make_backend(), weights, cfg, False), [shared + tail_b], max_new)[0]
+        hot_engine = _engine(make_backend(), weights, cfg, True)
+        _greedy(hot_engine, [shared + tail_a], max_new)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
+        (req,) = hot_engine.generate([shared + tail_b], params)[0]
+        hit = req.num_cached_tokens
+        report.add(name, "prefix hit == cold", list(req.output_token_ids) == cold and hit >= 32,
+                   f"{hit} prompt tokens from the cache")
+
+        if logits_rtol is not None:
+            err = logits_error(make_backend(), weights, cfg, prompts[-1])
+            report.add(name, "logits vs fp32 cpu", err <= logits_rtol,
+                       f"relative error {err:.2e} (tolerance {logits_rtol:.0e})")
+    return report
+
+
+def logits_error(backend, weights: LoadedWeights, cfg: BackendConfig, prompt: list[int]) -> float:
+    """‖ours − ref‖ / ‖ref‖ over the last-row logits of one cold prefill of `prompt`."""
+    import torch
+
+    from .inputs import step_inputs
+
+    plan = _prefill_plan(prompt, weights.config.vocab_size)
+    backend.load(weights, cfg)
+    backend.init_kv(NUM_BLOCKS, BLOCK_SIZE)
+    with torch.inference_mode():
+        ours = backend.model.forward(step_inputs(plan, backend.rope, backend.model.attention,
+                                                 backend.device), backend.kv).float().cpu()
+        ref_be, ref_cfg = _cpu_reference()
+        ref_be.load(weights, ref_cfg)
+        ref_be.init_kv(NUM_BLOCKS, BLOCK_SIZE)
+        ref = ref_be.model.forward(ref_be.model.prepare(plan), ref_be.kv).float()
+    backend.close()
+    return float((ours - ref).norm() / ref.norm())
+
+
+def _prefill_plan(prompt: list[int], vocab: int):
+    from localserve.engine.plan import Plan, SamplingRow
+
+    n = len(prompt)
+    pos = np.arange(n)
+    table = np.arange(-(-n // BLOCK_SIZE), dtype=np.int32)[None, :]
+    return Plan(
+        seq_ids=[0], input_ids=np.asarray(prompt, dtype=np.int64), positions=pos.astype(np.int64),
+        slot_mapping=(table[0, pos // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + pos % BLOCK_SIZE),
+        query_start_loc=np.array([0, n], dtype=np.int32), seq_lens=np.array([n], dtype=np.int32),
+        block_tables=table, sample_idx=np.array([0], dtype=np.int32),
+        sampling=[SamplingRow(params=SamplingParams(temperature=0.0), seed=0, step=0)],
+        block_size=BLOCK_SIZE,
+    )

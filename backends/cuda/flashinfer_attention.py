@@ -1,0 +1,136 @@
+"""FlashInferPagedAttention: the PagedAttention seam over FlashInfer's paged-KV wrappers.
+
+The torch_common cache layout [num_blocks * block_size, Hkv, D] per layer is FlashInfer's NHD
+layout [num_blocks, block_size, Hkv, D] viewed differently, so no copy. Each step is planned
+once (`prepare`): a decode-only step plans the decode wrappers, any other step (prefill,
+chunked prefill, prefill + decode mixed) plans the prefill wrappers with a bottom-right causal
+mask over the paged prefix. gemma3's sliding-window layers get their own wrapper planned with
+window_left = W - 1 (a query at i sees keys i - W < j <= i).
+
+CUDA graphs: `graph_metadata(bs)` builds decode wrappers in FlashInfer's graph mode over fixed
+buffers; `fill_graph_metadata` re-plans them before each replay (host work plus small copies
+into those buffers), the pattern SGLang uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from localserve.engine.plan import Plan
+
+WORKSPACE_BYTES = 256 << 20
+
+
+@dataclass(slots=True)
+class FlashInferMetadata:
+    slot_mapping: torch.Tensor  # long [T]
+    wrappers: dict  # sliding (bool) → a planned wrapper
+    block_size: int
+
+
+def paged_kv_arrays(seq_lens: np.ndarray, block_tables: np.ndarray, block_size: int):
+    """FlashInfer's (indptr [B+1], indices [nnz], last_page_len [B]) int32 from block tables."""
+    seq_lens = seq_lens.astype(np.int64)
+    npages = (seq_lens + block_size - 1) // block_size
+    assert int(npages.max(initial=0)) <= block_tables.shape[1], "block table shorter than a sequence"
+    indptr = np.zeros(len(seq_lens) + 1, dtype=np.int32)
+    np.cumsum(npages, out=indptr[1:])
+    used = np.arange(block_tables.shape[1])[None, :] < npages[:, None]
+    indices = block_tables[used].astype(np.int32)  # row-major: each sequence's pages in order
+    last = (seq_lens - (npages - 1) * block_size).astype(np.int32)
+    return indptr, indices, last
+
+
+class FlashInferPagedAttention:
+    name = "flashinfer"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None, dtype: torch.dtype, kv_dtype: torch.dtype,
+                 device: torch.device, backend: str = "fa2") -> None:
+        import flashinfer
+
+        self.fi = flashinfer
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.window = sliding_window
+        self.dtype = dtype
+        self.kv_dtype = kv_dtype
+        self.device = device
+        self.backend = backend
+        # decode through the tensor-core (prefill) kernels once a KV head serves >= 4 query
+        # heads, as SGLang does; it also shares their JIT module, one compile fewer
+        self.tensor_cores = num_heads // num_kv_heads >= 4
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        kinds = [False, True] if sliding_window else [False]
+        self.prefill = {s: flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend=backend) for s in kinds}
+        self.decode = {s: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self.tensor_cores) for s in kinds}
+
+    def _window_left(self, sliding: bool) -> int:
+        return self.window - 1 if sliding else -1
+
+    # -- once per step ---------------------------------------------------------------
+    def prepare(self, plan: Plan) -> FlashInferMetadata:
+        indptr, indices, last = (torch.from_numpy(a) for a in
+                                 paged_kv_arrays(plan.seq_lens, plan.block_tables, plan.block_size))
+        wrappers = {}
+        if plan.is_decode_only:
+            for sliding, w in self.decode.items():
+                self._plan_decode(w, indptr, indices, last, plan.block_size, sliding)
+                wrappers[sliding] = w
+        else:
+            qo = torch.from_numpy(plan.query_start_loc.astype(np.int32))
+            for sliding, w in self.prefill.items():
+                w.plan(qo, indptr, indices, last, self.num_heads, self.num_kv_heads,
+                       self.head_dim, plan.block_size, causal=True, sm_scale=self.scale,
+                       window_left=self._window_left(sliding), q_data_type=self.dtype,
+                       kv_data_type=self.kv_dtype)
+                wrappers[sliding] = w
+        slots = torch.from_numpy(plan.slot_mapping.astype(np.int64)).to(self.device, non_blocking=True)
+        return FlashInferMetadata(slot_mapping=slots, wrappers=wrappers, block_size=plan.block_size)
+
+    def _plan_decode(self, w, indptr, indices, last, block_size: int, sliding: bool) -> None:
+        w.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
+               block_size, window_left=self._window_left(sliding), q_data_type=self.dtype,
+               kv_data_type=self.kv_dtype, sm_scale=self.scale)
+
+    # -- fixed-shape decode metadata for graphs ----------------------------------------
+    def graph_metadata(self, batch_size: int, max_blocks: int, block_size: int,
+                       slot_mapping: torch.Tensor) -> FlashInferMetadata:
+        dev = self.device
+        wrappers = {}
+        indices = torch.zeros(batch_size * max_blocks, dtype=torch.int32, device=dev)
+        for sliding in self.decode:
+            wrappers[sliding] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
+                paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=indices,
+                paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev),
+            )
+        return FlashInferMetadata(slot_mapping=slot_mapping, wrappers=wrappers, block_size=block_size)
+
+    def fill_graph_metadata(self, meta: FlashInferMetadata, seq_lens: np.ndarray,
+                            block_tables: np.ndarray) -> None:
+        indptr, indices, last = (torch.from_numpy(a) for a in
+                                 paged_kv_arrays(seq_lens, block_tables, meta.block_size))
+        for sliding, w in meta.wrappers.items():
+            self._plan_decode(w, indptr, indices, last, meta.block_size, sliding)
+
+    # -- per layer -------------------------------------------------------------------
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: FlashInferMetadata,
+                sliding: bool) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D]; caches [slots, Hkv, D] → [T, H * D]."""
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        bs = meta.block_size
+        paged = (k_cache.view(-1, bs, self.num_kv_heads, self.head_dim),
+                 v_cache.view(-1, bs, self.num_kv_heads, self.head_dim))
+        out = meta.wrappers[sliding].run(q.contiguous(), paged)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,109 @@
+"""CUDA graphs for decode steps, one per padded batch size (bucket).
+
+A decode step of B sequences replays the graph of the smallest bucket >= B: the host writes
+the padded token ids, positions and slots into the graph's static input buffers, refills the
+attention metadata (FlashInfer re-plans into fixed buffers; Triton reads device seq_lens and
+block tables), replays, and reads the first B rows of the static logits. The whole forward
+(embedding, every layer, final norm, output layer) is one graph launch; sampling runs after it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from localserve.backends.torch_common.model import DecoderModel, StepInputs
+
+from .inputs import DeviceRope, PaddedDecode
+
+log = logging.getLogger("localserve.backends.cuda")
+
+
+def default_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, then every 16 up to 256 and every 64 past it, up to max_num_seqs."""
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(320, 4097, 64))
+    out = [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
+    return tuple(sorted(set(out)))
+
+
+class DecodeGraphs:
+    def __init__(self, model: DecoderModel, attention, rope: DeviceRope,
+                 kv: list[tuple[torch.Tensor, torch.Tensor]], buckets: tuple[int, ...],
+                 block_size: int, max_blocks: int, scratch_block: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.attention = attention
+        self.rope = rope
+        self.kv = kv
+        self.buckets = tuple(sorted(buckets))
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.device = device
+        top = self.buckets[-1]
+        self.input_ids = torch.zeros(top, dtype=torch.long, device=device)
+        self.positions = torch.zeros(top, dtype=torch.long, device=device)
+        self.slot_mapping = torch.zeros(top, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
+        self.pool = None
+        # the largest first, so smaller graphs fit in the memory pool it leaves
+        for bs in reversed(self.buckets):
+            self._capture(bs, max_blocks)
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def _forward(self, bs: int, meta) -> torch.Tensor:
+        full, sliding = self.rope.gather(self.positions[:bs])
+        step = StepInputs(input_ids=self.input_ids[:bs], rope_full=full, rope_sliding=sliding,
+                          attn=meta, logits_rows=torch.arange(bs, device=self.device))
+        return self.model.forward(step, self.kv)
+
+    def _capture(self, bs: int, max_blocks: int) -> None:
+        meta = self.attention.graph_metadata(bs, max_blocks, self.block_size, self.slot_mapping[:bs])
+        self._fill(meta, PaddedDecode.dummy(bs, self.block_size, self.scratch_block))
+        # warm up on a side stream (lazy inits, autotuning) before capturing
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(bs, meta)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(bs, meta)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[bs] = (graph, meta, logits)
+
+    def _fill(self, meta, batch: PaddedDecode) -> None:
+        n = batch.batch_size
+        self.input_ids[:n].copy_(torch.from_numpy(batch.input_ids), non_blocking=True)
+        self.positions[:n].copy_(torch.from_numpy(batch.positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(torch.from_numpy(batch.slot_mapping), non_blocking=True)
+        self.attention.fill_graph_metadata(meta, batch.seq_lens, batch.block_tables)
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        for bs in self.buckets:
+            if bs >= num_seqs:
+                return bs
+        return None
+
+    def run(self, plan) -> torch.Tensor:
+        """Logits [B, vocab] of a decode-only plan with B <= max_batch sequences."""
+        bs = self.bucket_for(plan.num_seqs)
+        graph, meta, logits = self.graphs[bs]
+        self._fill(meta, PaddedDecode.from_plan(plan, bs, self.scratch_block))
+        graph.replay()
+        return logits[: plan.num_seqs]
+
+
+def capture_or_none(*args, **kwargs) -> DecodeGraphs | None:
+    """DecodeGraphs, or None with a logged reason when capture fails (decode then runs eager)."""
+    try:
+        return DecodeGraphs(*args, **kwargs)
+    except Exception as exc:  # capture failures come from many layers (torch, FlashInfer, Triton)
+        log.warning("CUDA graph capture failed, decode runs without graphs: %r", exc)
+        return None

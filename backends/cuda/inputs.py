@@ -1,0 +1,128 @@
+"""Per-step inputs on the device: the Plan's token rows, rope cos/sin gathered from device
+tables, attention metadata; and the padded decode batch that graph replays read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from localserve.backends.torch_common.attention import (
+    AttentionMetadata, DecodeGroup, KeyView, PrefillChunk, TorchPagedAttention,
+)
+from localserve.backends.torch_common.model import DecoderModel, StepInputs
+from localserve.engine.plan import Plan
+
+
+class DeviceRope:
+    """A model's rope cos/sin tables on the device for every position of its context, in the
+    compute dtype (the same values DecoderModel.prepare casts from its float32 host tables)."""
+
+    def __init__(self, model: DecoderModel, max_positions: int, device: torch.device) -> None:
+        def table(rt):
+            rt.lookup(torch.zeros(1, dtype=torch.long), max_positions - 1)  # grow the host table
+            return (rt.cos[:max_positions].to(device=device, dtype=model.dtype),
+                    rt.sin[:max_positions].to(device=device, dtype=model.dtype))
+
+        self.full = table(model.rope_full)
+        self.sliding = self.full if model.rope_sliding is model.rope_full else table(model.rope_sliding)
+
+    def gather(self, positions: torch.Tensor):
+        """(full, sliding) pairs of cos, sin [T, 1, D/2] for device positions [T]."""
+        full = (self.full[0][positions].unsqueeze(1), self.full[1][positions].unsqueeze(1))
+        if self.sliding is self.full:
+            return full, full
+        return full, (self.sliding[0][positions].unsqueeze(1), self.sliding[1][positions].unsqueeze(1))
+
+
+def to_device(a: np.ndarray, dtype, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(device, non_blocking=True)
+
+
+def sampled_rows(plan: Plan) -> np.ndarray:
+    """The token row whose logits each sampled sequence needs (its last row this step)."""
+    return plan.query_start_loc[plan.sample_idx.astype(np.int64) + 1].astype(np.int64) - 1
+
+
+def step_inputs(plan: Plan, rope: DeviceRope, attention, device: torch.device) -> StepInputs:
+    positions = to_device(plan.positions, np.int64, device)
+    full, sliding = rope.gather(positions)
+    return StepInputs(
+        input_ids=to_device(plan.input_ids, np.int64, device),
+        rope_full=full,
+        rope_sliding=sliding,
+        attn=attention.prepare(plan),
+        logits_rows=to_device(sampled_rows(plan), np.int64, device),
+    )
+
+
+class DeviceTorchAttention(TorchPagedAttention):
+    """torch_common's SDPA attention with its metadata moved to the device: the last fallback
+    when neither FlashInfer nor Triton runs (no graphs: its shapes change every step)."""
+
+    name = "torch"
+
+    def __init__(self, *args, device: torch.device) -> None:
+        super().__init__(*args)
+        self.device = device
+
+    def prepare(self, plan: Plan) -> AttentionMetadata:
+        meta = super().prepare(plan)
+        dev = self.device
+
+        def view(v: KeyView | None) -> KeyView | None:
+            return None if v is None else KeyView(v.slots.to(dev), v.mask.to(dev))
+
+        dec = meta.decode
+        return AttentionMetadata(
+            slot_mapping=meta.slot_mapping.to(dev),
+            decode=None if dec is None else DecodeGroup(dec.rows.to(dev), view(dec.full),
+                                                        view(dec.sliding)),
+            prefills=[PrefillChunk(c.start, c.end, view(c.full), view(c.sliding))
+                      for c in meta.prefills],
+        )
+
+
+@dataclass(slots=True)
+class PaddedDecode:
+    """A decode-only plan padded to a graph's batch size: pad rows decode token 0 at position 0
+    on the scratch page, whose K/V nothing else reads."""
+
+    batch_size: int
+    input_ids: np.ndarray  # int64 [bs]
+    positions: np.ndarray  # int64 [bs]
+    slot_mapping: np.ndarray  # int64 [bs]
+    seq_lens: np.ndarray  # int32 [bs]
+    block_tables: np.ndarray  # int32 [bs, w]
+
+    @classmethod
+    def from_plan(cls, plan: Plan, batch_size: int, scratch_block: int) -> "PaddedDecode":
+        b = plan.num_seqs
+        bs = plan.block_size
+        width = max(1, -(-int(plan.seq_lens.max()) // bs))
+        pad = batch_size - b
+        tables = np.full((batch_size, width), scratch_block, dtype=np.int32)
+        tables[:b] = plan.block_tables[:, :width]
+        return cls(
+            batch_size=batch_size,
+            input_ids=np.concatenate([plan.input_ids, np.zeros(pad, np.int64)]),
+            positions=np.concatenate([plan.positions, np.zeros(pad, np.int64)]),
+            slot_mapping=np.concatenate([plan.slot_mapping,
+                                         np.full(pad, scratch_block * bs, np.int64)]),
+            seq_lens=np.concatenate([plan.seq_lens, np.ones(pad, np.int32)]).astype(np.int32),
+            block_tables=tables,
+        )
+
+    @classmethod
+    def dummy(cls, batch_size: int, block_size: int, scratch_block: int) -> "PaddedDecode":
+        """Every row a pad row: what graphs are captured with."""
+        return cls(
+            batch_size=batch_size,
+            input_ids=np.zeros(batch_size, np.int64),
+            positions=np.zeros(batch_size, np.int64),
+            slot_mapping=np.full(batch_size, scratch_block * block_size, np.int64),
+            seq_lens=np.ones(batch_size, np.int32),
+            block_tables=np.full((batch_size, 1), scratch_block, np.int32),
+        )

@@ -1,0 +1,42 @@
+"""`localserve up` settings: flags > LOCALSERVE_* environment > config file > defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from localserve.server.settings import ServeSettings, SettingsError, resolve_settings
+
+
+def test_precedence(tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[up]\nport = 9000\nhost = "127.0.0.2"\nmax-running = 3\napi_keys = ["a", "b"]\n')
+    env = {"LOCALSERVE_PORT": "9100", "LOCALSERVE_MAX_QUEUED": "7"}
+    s = resolve_settings({"port": 9200}, env, cfg)
+    assert s.port == 9200  # flag beats env and file
+    assert s.max_queued == 7  # env beats default
+    assert s.host == "127.0.0.2" and s.max_running == 3 and s.api_keys == ("a", "b")  # file beats defaults
+    assert resolve_settings({}, env, cfg).port == 9100  # env beats file
+    assert resolve_settings({}, {}, tmp_path / "missing.toml") == ServeSettings()
+
+
+def test_api_keys_from_env_and_flags(tmp_path):
+    s = resolve_settings({}, {"LOCALSERVE_API_KEY": "k1, k2"}, tmp_path / "none.toml")
+    assert s.api_keys == ("k1", "k2")
+    assert resolve_settings({"api_keys": ["x"]}, {"LOCALSERVE_API_KEY": "k1"}, tmp_path / "n.toml").api_keys == ("x",)
+
+
+@pytest.mark.parametrize("text,words", [
+    ("port = 'abc'", "port must be int"),
+    ("colour = 3", "unknown setting"),
+    ("port = ", "not valid TOML"),
+])
+def test_bad_config_file_is_a_clear_error(tmp_path, text, words):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(text)
+    with pytest.raises(SettingsError, match=words):
+        resolve_settings({}, {}, cfg)
+
+
+def test_bad_env_value(tmp_path):
+    with pytest.raises(SettingsError, match="LOCALSERVE_PORT"):
+        resolve_settings({}, {"LOCALSERVE_PORT": "eighty"}, tmp_path / "none.toml")
