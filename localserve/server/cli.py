@@ -85,11 +85,25 @@ def serve(settings) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             access_log=settings.log_level.lower() == "debug", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
+    _exit_cleanly_on_signals()
     server.run()  # returns after SIGINT/SIGTERM, once open requests are done or cancelled
     if not server.started:
         say(f"localserve: could not listen on {settings.host}:{settings.port}")
         return 1
     return 0
+
+
+def _exit_cleanly_on_signals() -> None:
+    """uvicorn handles SIGINT/SIGTERM itself, then restores the previous handlers and raises the
+    signal again once it has shut down; with the default handler that would end the process by
+    the signal (exit status -15) after a clean shutdown. A stop asked for is a success: exit 0."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
 
 
 def _load(state, settings, name: str, url: str) -> None:

@@ -8,15 +8,17 @@ piling up behind the others.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 from localserve.engine.async_engine import AsyncEngine
 from localserve.engine.outputs import SeqDelta
 from localserve.engine.sampling_params import SamplingParams
 from localserve.errors import EngineOverloadedError, ModelNotFoundError
+from localserve.server.events import RequestTrace
 from localserve.server.metrics import ServerMetrics
 
 
@@ -38,6 +40,8 @@ class ServedModel:
         self.async_engine = AsyncEngine(loaded.engine)
         self.created = int(time.time())
         self.num_in_flight = 0  # sequences admitted and not yet finished
+        # (event type, data) hooks for request_start / request_finish (the server's EventBus)
+        self.listeners: list[Callable[[str, dict], None]] = []
         self._register_gauges()
 
     @property
@@ -81,9 +85,12 @@ class ServedModel:
         remaining = params.n
         last_token_time: dict[int, float] = {}
         status = "aborted"
+        trace = RequestTrace(uuid.uuid4().hex, self.name, len(prompt_token_ids), params.n, params.max_tokens, arrival)
+        self._emit("request_start", trace.start)
         try:
-            async for delta in self.async_engine.generate(prompt_token_ids, params, uuid.uuid4().hex):
+            async for delta in self.async_engine.generate(prompt_token_ids, params, trace.id):
                 self._record_tokens(delta, arrival, last_token_time)
+                trace.observe(len(delta.token_ids), delta.num_cached_tokens, delta.index, delta.finish_reason)
                 if delta.finished:
                     remaining -= 1
                     self.num_in_flight -= 1
@@ -100,6 +107,15 @@ class ServedModel:
             with self.metrics.lock:
                 self.metrics.prompt_tokens.inc(len(prompt_token_ids))
                 self.metrics.e2e.observe(time.monotonic() - arrival)
+            self._emit("request_finish", lambda: trace.finish(status))
+
+    def _emit(self, type: str, data: Callable[[], dict]) -> None:
+        # a monitor must never break serving: its errors stay its own
+        for listener in self.listeners:
+            try:
+                listener(type, data())
+            except Exception:
+                logging.getLogger(__name__).exception("event listener failed")
 
     def _record_tokens(self, delta: SeqDelta, arrival: float, last: dict[int, float]) -> None:
         n = len(delta.token_ids)
@@ -124,6 +140,8 @@ class ServedModel:
 
     def _register_gauges(self) -> None:
         m, eng = self.metrics, self.engine
+        m.add_gauge("localserve_sequences_admitted", "Sequences admitted by the server and not finished "
+                    "(running, waiting or being streamed).", lambda: self.num_in_flight)
         m.add_gauge("localserve_requests_running", "Sequences running in the engine.",
                     lambda: eng.stats().num_running)
         m.add_gauge("localserve_requests_waiting", "Sequences waiting for the engine.",
