@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 
@@ -69,6 +70,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="write every raw figure and the machine info here")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table for BENCHMARKS.md")
     p.add_argument("--from-json", metavar="PATH", help="render a saved --json result instead of measuring")
+    p.add_argument("--serving", action="store_true",
+                   help="measure the server's streaming overhead instead: the same greedy stream of "
+                   "--decode-tokens in-process and through `localserve up` (HTTP + SSE), alternating, "
+                   "--repeats times; prints wall and CPU ms per token of each and the difference")
     p.set_defaults(func=run_bench_command)
 
 
@@ -77,6 +82,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from localserve.bench.report import markdown_table, text_table
     from localserve.bench.suite import BenchResult, run_bench
 
+    if args.serving:
+        return _run_serving(args)
     if args.from_json:
         result = BenchResult.read_json(args.from_json)
     else:
@@ -103,11 +110,27 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serving(args: argparse.Namespace) -> int:
+    import json
+
+    from localserve.bench.serving import run_serving_overhead
+
+    backend = "cpu" if args.backend == "auto" else args.backend
+    result = run_serving_overhead(args.model, backend, args.threads, tokens=args.decode_tokens,
+                                  repeats=args.repeats, warmup=args.warmup,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
 # one registration function per subcommand; `up`, `pull`, ... add theirs here
 from localserve.server.cli import add_up_parser  # noqa: E402 (argparse only; the server loads lazily)
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_up_parser, add_bench_parser]
-from localserve.store.cli import STORE_SUBCOMMANDS; SUBCOMMANDS += STORE_SUBCOMMANDS  # noqa: E402,E702 pull ls show rm quantize
+from localserve.store.cli import STORE_SUBCOMMANDS; SUBCOMMANDS += STORE_SUBCOMMANDS  # noqa: E402,E702 pull ls show rm ps quantize
+from localserve.tui.cli import add_tui_parser; SUBCOMMANDS.append(add_tui_parser)  # noqa: E402,E702 tui
 
 
 def build_parser() -> argparse.ArgumentParser:

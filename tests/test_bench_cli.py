@@ -226,3 +226,21 @@ def test_a_prompt_larger_than_the_kv_pool_is_refused_not_waited_on():
                       only=("prefill",), prefill_tokens=200, num_blocks=8)
     with pytest.raises(ContextOverflowError, match="maximum context length is 128 tokens"):
         run_bench(cfg, lambda line: None)
+
+
+def test_serving_overhead_against_a_real_server(tmp_path, capsys):
+    """`bench --serving`: the same greedy stream in-process and through a `localserve up`
+    subprocess; both sides report positive wall and CPU time per token."""
+    out = tmp_path / "serving.json"
+    code = main(["bench", "--serving", "--model", "random:tiny-llama", "--backend", "cpu", "--threads", "1",
+                 "--decode-tokens", "48", "--repeats", "2", "--warmup", "1", "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| wall ms/token (decode) |" in table and "server (HTTP + SSE)" in table
+    d = json.loads(out.read_text())
+    assert len(d["server"]) == len(d["in_process"]) == 2
+    for side in ("in_process", "server"):
+        assert d["median"][side]["wall_ms_per_token"] > 0
+    # the server process did the decoding, so its CPU clock moved (10 ms ticks: summed over runs)
+    assert sum(r["cpu_ms_per_token"] for r in d["server"]) > 0
+    assert d["tokens"] == 48
