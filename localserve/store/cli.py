@@ -1,4 +1,4 @@
-"""`localserve pull | ls | show | rm | quantize`: the model store from the command line.
+"""`localserve pull | ls | show | rm | ps | quantize`: the model store from the command line.
 
 Only argparse is imported at module level (`localserve --help` stays fast); each command
 imports what it needs. Errors print one line on stderr and exit 1; nothing half-done stays
@@ -96,9 +96,7 @@ def run_ls(args: argparse.Namespace) -> int:
     rows = [("NAME", "SIZE", "QUANT", "ARCH", "CTX", "MODIFIED")]
     for m in models:
         rows.append((m.ref, format_bytes(m.size), m.quantization, m.architecture, str(m.context), m.created[:16].replace("T", " ")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    _table(rows)
     return 0
 
 
@@ -202,6 +200,45 @@ def run_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- ps -----------------------------------------------------------------------------------
+
+
+def add_ps_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ps", help="the models a running server has loaded")
+    p.add_argument("--url", default=None,
+                   help="the server (default: $LOCALSERVE_URL, else http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None, help="the server's API key (default: $LOCALSERVE_API_KEY)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_guard("ps", run_ps))
+
+
+def run_ps(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from localserve.store.progress import format_bytes
+    from localserve.store.running import add_store_facts, api_key, running_models, server_url, since
+    from localserve.store.store import ModelStore
+
+    models = running_models(args.url or server_url(), args.api_key or api_key())
+    add_store_facts(models, ModelStore())
+    if args.json:
+        print(json.dumps([asdict(m) for m in models], indent=2))
+        return 0
+    rows = [("NAME", "SIZE", "QUANT", "CONTEXT", "LOADED")]
+    for m in models:
+        size = format_bytes(m.size) if m.size is not None else "-"
+        loaded = since(m.loaded_at) if m.status == "ready" else m.status
+        rows.append((m.name, size, m.quantization or "-", str(m.context or "-"), loaded))
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
 # -- quantize -----------------------------------------------------------------------------
 
 
@@ -255,5 +292,6 @@ STORE_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_ls_parser,
     add_show_parser,
     add_rm_parser,
+    add_ps_parser,
     add_quantize_parser,
 ]

@@ -12,16 +12,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from localserve.store.progress import ProgressBar, ProgressCallback, format_bytes
+from localserve.store.disk import check_free_space
+from localserve.store.progress import ProgressBar, ProgressCallback
 from localserve.store.store import StoreError, sha256_file
-
-# room left free beyond the file itself
-DISK_MARGIN = 64 << 20
 
 
 class DownloadError(StoreError):
@@ -43,15 +40,6 @@ class RemoteFile:
         # no content hash: the URL and size name the content as well as we can
         digest = hashlib.sha256(f"{self.url}\0{self.size}".encode()).hexdigest()[:32]
         return f"url-{digest}.part"
-
-
-def check_free_space(directory: Path, need: int) -> None:
-    free = shutil.disk_usage(directory).free
-    if need + DISK_MARGIN > free:
-        raise StoreError(
-            f"not enough disk space in {directory}: the download needs {format_bytes(need)}, "
-            f"{format_bytes(free)} free"
-        )
 
 
 def download(

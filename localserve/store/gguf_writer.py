@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from math import prod
+from pathlib import Path
 from typing import Callable, Iterator
 
 import gguf
 import numpy as np
 
 from localserve.models.ggml_quants import row_bytes
+from localserve.store.disk import check_free_space
 from localserve.store.gguf_kv import KV
 
 # rows per chunk aim at this many values
@@ -77,6 +79,8 @@ def write_gguf(
     alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT,
     on_values: Callable[[int], None] | None = None,
 ) -> None:
+    # tensor data plus a generous bound on the header (metadata, tensor directory, padding)
+    check_free_space(Path(path).parent, sum(j.nbytes for j in jobs) + (16 << 20))
     w = gguf.GGUFWriter(str(path), arch)
     if alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
         w.add_custom_alignment(alignment)
@@ -89,19 +93,21 @@ def write_gguf(
         w.add_tensor_info(
             job.name, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=gguf.GGMLQuantizationType[job.ggml_type]
         )
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    fout = w.fout[0]
-    w.write_padding(fout, fout.tell())
-    for job in jobs:
-        written = 0
-        for data, values in job.chunks():
-            buf = np.ascontiguousarray(data)
-            fout.write(buf.tobytes() if buf.dtype != np.uint8 else buf.data)
-            written += buf.nbytes
-            if on_values is not None:
-                on_values(values)
-        assert written == job.nbytes, f"{job.name}: wrote {written} bytes, expected {job.nbytes}"
-        w.write_padding(fout, job.nbytes)
-    w.close()
+    try:  # the file is closed on any exit: a cancel raised from `on_values` included
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        fout = w.fout[0]
+        w.write_padding(fout, fout.tell())
+        for job in jobs:
+            written = 0
+            for data, values in job.chunks():
+                buf = np.ascontiguousarray(data)
+                fout.write(buf.tobytes() if buf.dtype != np.uint8 else buf.data)
+                written += buf.nbytes
+                if on_values is not None:
+                    on_values(values)
+            assert written == job.nbytes, f"{job.name}: wrote {written} bytes, expected {job.nbytes}"
+            w.write_padding(fout, job.nbytes)
+    finally:
+        w.close()

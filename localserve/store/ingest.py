@@ -18,7 +18,8 @@ from typing import Callable
 from localserve.errors import ModelLoadError
 from localserve.models.config import SUPPORTED_ARCHITECTURES
 from localserve.models.gguf_file import GGUFFile
-from localserve.store.download import RemoteFile, check_free_space, download
+from localserve.store.disk import check_free_space
+from localserve.store.download import RemoteFile, download
 from localserve.store.manifest import Manifest, ManifestFile
 from localserve.store.model_info import ModelSummary, summarize_gguf, summarize_hf_folder
 from localserve.store.names import StoreName, parse_name

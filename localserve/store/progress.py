@@ -51,13 +51,17 @@ class ProgressBar:
         self._t0 = time.monotonic()
         self._last_draw = 0.0
         self._last_decile = -1
+        self._drawn_n = -1  # the count of the last line drawn (a log needs no repeat of it)
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def __enter__(self) -> "ProgressBar":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tty and self._drawn_n >= 0:
+            self.stream.write("\n")  # the error message goes below the bar, not over it
 
     def reset_total(self, total: int | None) -> None:
         self.total = total
@@ -77,7 +81,10 @@ class ProgressBar:
                 self._draw("")
 
     def close(self) -> None:
-        self._draw("\r" if self._tty else "", end="\n")
+        if self._tty:
+            self._draw("\r", end="\n")
+        elif self._drawn_n != self.n:
+            self._draw("")
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self._t0, 1e-6)
@@ -107,6 +114,7 @@ class ProgressBar:
     def _draw(self, prefix: str, end: str = "") -> None:
         if not self.enabled:
             return
+        self._drawn_n = self.n
         text = self.line()
         if self._tty:
             self.stream.write(f"{prefix}{text:<79}{end}")

@@ -6,6 +6,7 @@ unsupported target leaves it as it was.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,10 @@ def quantize_to_store(
                 result = quantize_gguf(path, tmp, target, on_values)
         except ModelLoadError as e:
             raise StoreError(f"cannot convert {src}: {e.reason}") from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise StoreError(f"disk full while writing the {target} file; nothing was stored") from None
         sha = sha256_file(tmp)
         summary = summarize_gguf(tmp)
         with store.lock():

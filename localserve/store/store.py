@@ -101,6 +101,9 @@ class ModelStore:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(m.to_json())
         os.replace(tmp, path)
+        if replaced is not None and replaced.format == "hf":
+            # its folder of hard links would keep the old blobs' bytes on disk after gc
+            shutil.rmtree(self._folder_dir(replaced), ignore_errors=True)
         if replaced is not None and replaced.digests - m.digests:
             self._gc_locked()  # callers hold lock(): the old version's blobs may be garbage now
         return path
@@ -138,7 +141,8 @@ class ModelStore:
                     )
                 m = tags[0] if tags else None
         if m is None:
-            raise ModelNotInStoreError(f"model {ref!r} is not in the store (try `localserve pull`)")
+            hint = f"`localserve pull {ref}`" if "/" in sn.name else "`localserve ls`, `localserve pull`"
+            raise ModelNotInStoreError(f"model {ref!r} is not in the store (try {hint})")
         return m
 
     def remove(self, ref: str) -> tuple[Manifest, int]:
@@ -188,15 +192,24 @@ class ModelStore:
                 raise StoreError(f"{m.ref}: its file {path} is missing (pull it again)")
             return path
         folder = self._folder_dir(m)
+        wanted = {f.path for f in m.files}
+        if folder.is_dir():  # files of an earlier version under this name would mislead the loader
+            for p in folder.rglob("*"):
+                if (p.is_file() or p.is_symlink()) and str(p.relative_to(folder)) not in wanted:
+                    p.unlink()
         for f in m.files:
             dst = folder / f.path
-            if not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                src = Path(f.external) if f.external else self.blob_path(f.sha256)
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    os.symlink(src, dst)
+            src = Path(f.external) if f.external else self.blob_path(f.sha256)
+            if not src.is_file():
+                raise StoreError(f"{m.ref}: its file {src} is missing (pull it again)")
+            if dst.exists() and os.path.samefile(src, dst):
+                continue
+            dst.unlink(missing_ok=True)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                os.symlink(src, dst)
         return folder
 
     def _folder_dir(self, m: Manifest) -> Path:

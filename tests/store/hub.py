@@ -88,9 +88,8 @@ class LocalHub:
         Handler.hub = hub
         self.servers = []
         for host in ("127.0.0.1", "127.0.0.2"):  # the hub and its "CDN" (another origin)
-            server = ThreadingHTTPServer((host, 0), Handler)
-            server.daemon_threads = True
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            server = _Server((host, 0), Handler)
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
             self.servers.append(server)
         self.cdn_url = "http://127.0.0.2:%d" % self.servers[1].server_address[1]
         return "http://127.0.0.1:%d" % self.servers[0].server_address[1]
@@ -102,6 +101,16 @@ class LocalHub:
 
     def gets(self, name: str) -> list[Request]:
         return [r for r in self.requests if r.method == "GET" and r.path.endswith("/" + name)]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up: expected here
+            super().handle_error(request, client_address)
 
 
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")

@@ -87,3 +87,25 @@ def test_pull_an_hf_folder_from_the_hub(hub, tmp_path, default_store, capsys):
     assert not (default_store.root / "models" / "test-org").exists() or not any(
         (default_store.root / "models" / "test-org").rglob("*.safetensors")
     )
+
+
+def test_bf16_folder_copies_bf16_and_converts_the_rest(tmp_path):
+    """Released checkpoints are mostly bfloat16: BF16 is a byte copy, F16 / Q8_0 decode it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from localserve.store.hf_to_gguf import convert_hf_folder
+
+    folder = write_hf_folder(tmp_path / "bf16-gemma", "gemma3")
+    st = folder / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(st).items()}, st)
+    src = load_weights(folder)
+    for target, tol in (("BF16", 0.0), ("F16", 1e-6), ("Q8_0", 1e-2)):
+        out = convert_hf_folder(folder, tmp_path / f"out-{target}.gguf", target)
+        dst = load_weights(out.path)
+        assert out.types == {target: 43, "F32": 37}  # 6 layers x 7 matrices + the embedding; vectors F32
+        for name in src.tensors:
+            a, b = src.dense(name), dst.dense(name)
+            assert np.sqrt(np.mean((a - b) ** 2) / np.mean(a**2)) <= tol + 1e-7, (target, name)
+    bf16 = load_weights(tmp_path / "out-BF16.gguf").tensors["blk.0.attn_q.weight"]
+    assert np.array_equal(bf16.raw, src.tensors["blk.0.attn_q.weight"].raw)

@@ -254,3 +254,28 @@ def test_lfs_redirect_to_a_cdn_gets_no_token(hub, tiny_gguf, default_store, caps
     assert cdn_gets[0].authorization is None  # the token stays with the hub
     assert all(r.authorization for r in hub.requests if REPO in r.path)
     default_store.remove("cdn:one")
+
+
+def test_a_cancelled_pull_keeps_its_partial_file_and_resumes(hub, big_gguf, tmp_path):
+    from localserve.store.pull import PullOptions, pull
+    from localserve.store.store import ModelStore
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_after_a_chunk(done: int, total: int | None) -> None:
+        if done > CHUNK:  # the callback sees a chunk before it is written: the first one is on disk
+            raise Cancelled
+
+    hub.add(REPO, {"big-F32.gguf": HubFile(big_gguf.read_bytes())})
+    store = ModelStore(tmp_path)
+    before = store_state(store)
+    with pytest.raises(Cancelled):
+        pull(REPO, store, PullOptions(on_progress=cancel_after_a_chunk, show_progress=False))
+    assert store_state(store) == before
+    (partial,) = (tmp_path / "partial").iterdir()
+    assert partial.stat().st_size == CHUNK
+    m = pull(REPO, store, PullOptions(show_progress=False))
+    assert hub.gets("big-F32.gguf")[-1].range == f"bytes={CHUNK}-"
+    assert m.files[0].sha256 == hashlib.sha256(big_gguf.read_bytes()).hexdigest()
+    assert not list((tmp_path / "partial").iterdir())

@@ -96,3 +96,22 @@ def test_quantize_default_to_q8_0_agrees_with_its_source(default_store, capsys):
     assert prompts == 4 and identical >= 3 and prefix >= 85
     assert load_weights(resolve_model_ref("gemma3:270m-Q8_0")).config.architecture == "gemma3"
     default_store.remove("gemma3:270m-Q8_0")
+
+
+def test_a_cancel_from_the_progress_callback_leaves_nothing(tiny_f32_gguf, tmp_path):
+    """The TUI / job API cancels by raising from the progress callback."""
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_midway(values: int) -> None:
+        seen.append(values)
+        if len(seen) == 5:
+            raise Cancelled
+
+    store, seen = ModelStore(tmp_path), []
+    before = store_state(store)
+    with pytest.raises(Cancelled):
+        quantize_to_store(store, str(tiny_f32_gguf), "Q8_0", on_values=cancel_midway)
+    assert store_state(store) == before
+    assert not list((tmp_path / "partial").iterdir())

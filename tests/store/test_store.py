@@ -126,3 +126,31 @@ def test_replacing_a_manifest_collects_its_old_blob(tmp_path):
         store.write_manifest(Manifest("m", "t", "gguf", [ManifestFile("model.gguf", a, 3)]))
         store.write_manifest(Manifest("m", "t", "gguf", [ManifestFile("model.gguf", b, 3)]))
     assert store.has_blob(b) and not store.has_blob(a)
+
+
+def test_hf_folder_follows_its_manifest(tmp_path):
+    """An HF model is served as a folder of hard links; a new version under the same name must
+    not keep the old files there (the loader globs *.safetensors) nor their bytes on disk."""
+    store = ModelStore(tmp_path)
+    cfg, w1, w2, w3 = (_blob(store, data) for data in (b"{}", b"weights-1", b"weights-2a", b"weights-2b"))
+
+    def hf(*files):
+        return Manifest("org/hf", "latest", "hf", [ManifestFile(p, sha, 1) for p, sha in files])
+
+    with store.lock():
+        store.write_manifest(hf(("config.json", cfg), ("model.safetensors", w1)))
+    folder = store.model_path(store.lookup("org/hf"))
+    assert os.path.samefile(folder / "model.safetensors", store.blob_path(w1))
+    with store.lock():
+        store.write_manifest(
+            hf(("config.json", cfg), ("model-1.safetensors", w2), ("model-2.safetensors", w3))
+        )
+    assert not store.has_blob(w1) and not (folder / "model.safetensors").exists()
+    folder = store.model_path(store.lookup("org/hf"))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model-1.safetensors", "model-2.safetensors"]
+    assert (folder / "model-2.safetensors").read_bytes() == b"weights-2b"
+    # a stray file and a link that went stale are repaired on the next use
+    (folder / "extra.safetensors").write_bytes(b"x")
+    (folder / "config.json").unlink()
+    folder = store.model_path(store.lookup("org/hf"))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model-1.safetensors", "model-2.safetensors"]
