@@ -21,7 +21,10 @@ from litestar.openapi import OpenAPIConfig
 from localserve import __version__
 from localserve.server import metrics as prom
 from localserve.server.errors import EXCEPTION_HANDLERS
+from localserve.server.anthropic_routes import ROUTES as ANTHROPIC_ROUTES
 from localserve.server.openai_routes import ROUTES as OPENAI_ROUTES
+from localserve.server.monitoring import ROUTES as MONITOR_ROUTES
+from localserve.server.monitoring import Monitoring
 from localserve.server.state import STATE_KEY, ServerState, server_state
 
 log = logging.getLogger("localserve.server")
@@ -60,6 +63,8 @@ def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
 def create_app(state: ServerState, *, load: Callable[[ServerState], None] | None = None,
                cors_origins: tuple[str, ...] = (), max_body_bytes: int = 32 * 1024 * 1024) -> Litestar:
     """`load` fills state.served (or state.load_error) and runs on a thread once the app starts."""
+    monitoring = Monitoring(state)  # /api/status, /api/events, store routes; load/request events
+    load = monitoring.wrap_load(load)
 
     def start_loading(app: Litestar) -> None:
         if load is not None and state.served is None:
@@ -73,22 +78,22 @@ def create_app(state: ServerState, *, load: Callable[[ServerState], None] | None
                       allow_origin_regex=None if cors_origins else LOCALHOST_ORIGINS,
                       allow_methods=["*"], allow_headers=["*"])
     return Litestar(
-        route_handlers=[*OPENAI_ROUTES, health, metrics],
-        state=_app_state(state),
+        route_handlers=[*OPENAI_ROUTES, *ANTHROPIC_ROUTES, health, metrics, *MONITOR_ROUTES],
+        state=_app_state(state, monitoring.app_state()),
         guards=[api_key_guard],
         cors_config=cors,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(title="localserve", version=__version__, path="/openapi"),
-        on_startup=[start_loading],
-        on_shutdown=[shutdown],
+        on_startup=[start_loading, monitoring.start],
+        on_shutdown=[monitoring.stop, shutdown],
     )
 
 
-def _app_state(state: ServerState):
+def _app_state(state: ServerState, extra: dict):
     from litestar.datastructures import State
 
-    return State({STATE_KEY: state})
+    return State({STATE_KEY: state, **extra})
 
 
 def _load_guarded(load: Callable[[ServerState], None], state: ServerState) -> None:

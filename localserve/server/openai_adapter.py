@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from localserve.engine.guided import GuidedDecoding
 from localserve.engine.sampling_params import SamplingParams
 from localserve.errors import InvalidRequestError
 from localserve.server.openai_protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
@@ -38,6 +39,7 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bo
         ignore_eos=req.ignore_eos,
         include_stop_str_in_output=req.include_stop_str_in_output,
         skip_special_tokens=req.skip_special_tokens,
+        guided=guided_decoding(req),
     )
 
 
@@ -52,6 +54,64 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
             raise InvalidRequestError(f"logit_bias token id {tok} is outside the vocabulary [0, {vocab_size})")
         out[tok] = float(value)
     return out
+
+
+# -- structured output ---------------------------------------------------------------------------
+
+
+def guided_decoding(req: SamplingFields) -> GuidedDecoding | None:
+    """The one structured-output constraint of a request, from whichever field names it."""
+    given: list[tuple[str, dict[str, Any]]] = []
+    if req.response_format is not None:
+        spec = _response_format(req.response_format)
+        if spec is not None:
+            given.append(("response_format", spec))
+    plain = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+             "guided_grammar": "ebnf", "json_schema": "json_schema", "regex": "regex", "ebnf": "ebnf"}
+    for field, kind in plain.items():
+        value = getattr(req, field)
+        if value is not None:
+            given.append((field, {kind: value}))
+    if req.structured_outputs is not None:
+        given.append(("structured_outputs", _structured_outputs(req.structured_outputs)))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InvalidRequestError("give at most one structured-output constraint; got "
+                                  + " and ".join(name for name, _ in given))
+    name, spec = given[0]
+    try:
+        return GuidedDecoding(**spec)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"{name}: {e}") from None
+
+
+def _response_format(rf: dict[str, Any]) -> dict[str, Any] | None:
+    kind = rf.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        schema = js.get("schema") if isinstance(js, dict) else None
+        if schema is None:
+            schema = rf.get("schema")
+        if schema is None:
+            raise InvalidRequestError("response_format of type json_schema needs json_schema.schema")
+        if not isinstance(schema, (dict, str)):
+            raise InvalidRequestError("response_format.json_schema.schema must be a JSON schema object")
+        return {"json_schema": schema}
+    raise InvalidRequestError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+
+
+def _structured_outputs(so: dict[str, Any]) -> dict[str, Any]:
+    names = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "ebnf", "json_object": "json_object"}
+    spec = {names[k]: v for k, v in so.items() if k in names and v is not None and v is not False}
+    if len(spec) != 1:
+        raise InvalidRequestError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object; got "
+                                  + (", ".join(k for k in so if k in names and so[k] not in (None, False)) or "none"))
+    return spec
 
 
 # -- chat ----------------------------------------------------------------------------------------
@@ -78,11 +138,26 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if m.name is not None:
             msg["name"] = m.name
         if m.tool_calls:
-            msg["tool_calls"] = m.tool_calls
-        if m.tool_call_id is not None:
+            if m.role != "assistant":
+                raise InvalidRequestError(f"messages[{i}]: only assistant messages may hold tool_calls")
+            msg["tool_calls"] = [_tool_call(c, i, j) for j, c in enumerate(m.tool_calls)]
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise InvalidRequestError(f"messages[{i}]: a tool message needs the tool_call_id it answers")
             msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
+
+
+def _tool_call(call: Any, i: int, j: int) -> dict[str, Any]:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidRequestError(f"messages[{i}].tool_calls[{j}] must be {{\"id\", \"type\": \"function\", "
+                                  f"\"function\": {{\"name\", \"arguments\"}}}}")
+    args = fn.get("arguments", "{}")
+    if not isinstance(args, (str, dict)):
+        raise InvalidRequestError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON string")
+    return {"id": str(call.get("id") or ""), "type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
 def _text_content(content: str | list[dict[str, Any]] | None, i: int) -> str:

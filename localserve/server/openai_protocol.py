@@ -52,6 +52,18 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output: OpenAI's response_format, and the names vLLM and SGLang accept
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: xgrammar serves them all
+    structured_outputs: dict[str, Any] | None = None  # vLLM: {json, regex, choice, grammar, json_object}
+    regex: str | None = None  # SGLang
+    ebnf: str | None = None  # SGLang
+    json_schema: dict[str, Any] | str | None = None  # SGLang (a schema as JSON text or object)
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -62,7 +74,6 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
-    response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
@@ -115,7 +126,7 @@ class CompletionLogprobs(msgspec.Struct):
 
 class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"]
-    content: str | None = None
+    content: str | None  # null (present) when the answer is only tool calls
     tool_calls: list[dict[str, Any]] | None = None
     reasoning_content: str | None = None
 

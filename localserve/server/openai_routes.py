@@ -36,6 +36,8 @@ from localserve.server.openai_protocol import (
 from localserve.server.openai_responses import ChoiceState, TokenText, UsageCounter, merge
 from localserve.server.served_model import ServedModel
 from localserve.server.state import served_model
+from localserve.server.tools import CallStart, OutputParser, ReasoningDelta, TextDelta, ToolPlan
+from localserve.server.tools import tool_choice_from_openai, tools_from_openai
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _encoder = msgspec.json.Encoder()
@@ -81,39 +83,72 @@ async def chat_completions(data: ChatCompletionRequest, request: Request) -> Cha
     arrival = time.monotonic()
     served = served_model(request)
     served.check_model(data.model)
-    if served.tokenizer is None:
+    tokenizer = served.tokenizer
+    if tokenizer is None:
         raise InvalidRequestError("this model has no tokenizer or chat template: use /v1/completions with token ids")
     params = chat_params(data, served.loaded.config.vocab_size)
-    kwargs = dict(data.chat_template_kwargs or {})
-    prompt = served.tokenizer.encode_chat(chat_messages(data.messages), add_generation_prompt=data.add_generation_prompt,
-                                          tools=data.tools, **kwargs)
+    tools = tools_from_openai(data.tools)
+    plan = ToolPlan.build(tools, tool_choice_from_openai(data.tool_choice, tools), data.parallel_tool_calls, tokenizer)
+    plan.adjust(params)
+    # the template's own variables (enable_thinking, ...); the ones the request sets are not overridable
+    kwargs = {k: v for k, v in (data.chat_template_kwargs or {}).items()
+              if k not in ("messages", "tools", "add_generation_prompt")}
+    text = plan.render(tokenizer, chat_messages(data.messages), add_generation_prompt=data.add_generation_prompt,
+                       **kwargs)
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    await compile_guided(served, params)
     streams = served.submit([prompt], params, arrival)
+    parsers = [OutputParser.for_request(plan, tokenizer, text) for _ in range(data.n)]
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_chat_stream(served, streams, data, include_usage), media_type="text/event-stream",
+        return Stream(_chat_stream(served, streams, data, parsers, include_usage), media_type="text/event-stream",
                       headers=SSE_HEADERS)
-    return await until_disconnect(request, asyncio.ensure_future(_chat_whole(served, streams, data)))
+    return await until_disconnect(request, asyncio.ensure_future(_chat_whole(served, streams, data, parsers)))
 
 
-async def _chat_whole(served: ServedModel, streams, data: ChatCompletionRequest) -> ChatCompletion:
+async def compile_guided(served: ServedModel, params) -> None:
+    """Compiles the request's grammar off the event loop before anything is sent: a schema or
+    regex the compiler rejects is a 400 even for a stream, and the engine then finds it in the
+    compiler's cache."""
+    if params.guided is None:
+        return
+    engine = served.engine
+    if engine.tokenizer is None:
+        raise InvalidRequestError("structured output needs a model with a tokenizer")
+    from localserve.engine.grammar import tokenizer_grammar
+
+    def compile_() -> None:
+        grammar = tokenizer_grammar(engine.tokenizer, engine.model_config.vocab_size, sorted(engine.eos_token_ids))
+        grammar.compile(params.guided)
+
+    await asyncio.to_thread(compile_)
+
+
+def _finish_reason(reason: str | None, calls: list) -> str | None:
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+async def _chat_whole(served: ServedModel, streams, data: ChatCompletionRequest,
+                      parsers: list[OutputParser]) -> ChatCompletion:
     choices = [ChoiceState() for _ in range(data.n)]
     usage = UsageCounter()
     async for p, c, d in merge(streams, data.n):
         _collect(choices[c], d)
         usage.add(p, c, d)
     text = TokenText(served.tokenizer)
-    return ChatCompletion(
-        id=_new_id("chatcmpl"), created=int(time.time()), model=served.name,
-        choices=[
-            ChatChoice(index=i, message=AssistantMessage(role="assistant", content="".join(ch.text)), finish_reason=ch.finish_reason,
-                       logprobs=text.chat_logprobs(ch.logprobs) if data.logprobs else None)
-            for i, ch in enumerate(choices)
-        ],
-        usage=usage.usage(),
-    )
+    out = []
+    for i, ch in enumerate(choices):
+        parsed = parsers[i].parse("".join(ch.text))
+        message = AssistantMessage(role="assistant", content=parsed.content,
+                                   tool_calls=[c.to_openai() for c in parsed.calls] or None,
+                                   reasoning_content=parsed.reasoning)
+        out.append(ChatChoice(index=i, message=message, finish_reason=_finish_reason(ch.finish_reason, parsed.calls),
+                              logprobs=text.chat_logprobs(ch.logprobs) if data.logprobs else None))
+    return ChatCompletion(id=_new_id("chatcmpl"), created=int(time.time()), model=served.name, choices=out,
+                          usage=usage.usage())
 
 
-async def _chat_stream(served: ServedModel, streams, data: ChatCompletionRequest,
+async def _chat_stream(served: ServedModel, streams, data: ChatCompletionRequest, parsers: list[OutputParser],
                        include_usage: bool) -> AsyncIterator[bytes]:
     rid, created, model = _new_id("chatcmpl"), int(time.time()), served.name
     text = TokenText(served.tokenizer)
@@ -127,16 +162,55 @@ async def _chat_stream(served: ServedModel, streams, data: ChatCompletionRequest
     try:
         async for p, c, d in merge(streams, data.n):
             usage.add(p, c, d)
-            if d.text or d.logprobs:
-                lp = text.chat_logprobs(d.logprobs) if data.logprobs and d.logprobs else None
-                yield chunk([ChatChunkChoice(index=c, delta=ChatDelta(content=d.text), logprobs=lp)])
+            deltas = chat_deltas(parsers[c].feed(d.text) if d.text else [])
             if d.finished:
-                yield chunk([ChatChunkChoice(index=c, delta=ChatDelta(), finish_reason=d.finish_reason)])
+                deltas += chat_deltas(parsers[c].finish())
+            lp = text.chat_logprobs(d.logprobs) if data.logprobs and d.logprobs else None
+            if lp is not None and not deltas:
+                deltas = [ChatDelta()]
+            for k, delta in enumerate(deltas):
+                yield chunk([ChatChunkChoice(index=c, delta=delta, logprobs=lp if k == 0 else None)])
+            if d.finished:
+                reason = _finish_reason(d.finish_reason, parsers[c].calls)
+                yield chunk([ChatChunkChoice(index=c, delta=ChatDelta(), finish_reason=reason)])
     except LocalServeError as exc:
         yield sse(error_body(exc))
     if include_usage:
         yield chunk([], usage.usage())
     yield SSE_DONE
+
+
+def chat_deltas(events: list) -> list[ChatDelta]:
+    """Parser events as OpenAI deltas; neighbours of one kind (and one call) share a delta. A
+    call's first delta holds index, id, type, name and empty arguments, later ones index and
+    arguments pieces."""
+    out: list[ChatDelta] = []
+    last = None  # (kind, call index) of out[-1]
+    for e in events:
+        if isinstance(e, TextDelta):
+            key = ("content", -1)
+            if key == last:
+                out[-1].content += e.text
+            else:
+                out.append(ChatDelta(content=e.text))
+        elif isinstance(e, ReasoningDelta):
+            key = ("reasoning", -1)
+            if key == last:
+                out[-1].reasoning_content += e.text
+            else:
+                out.append(ChatDelta(reasoning_content=e.text))
+        elif isinstance(e, CallStart):
+            key = ("start", e.index)
+            out.append(ChatDelta(tool_calls=[{"index": e.index, "id": e.id, "type": "function",
+                                              "function": {"name": e.name, "arguments": ""}}]))
+        else:
+            key = ("args", e.index)
+            if key == last:
+                out[-1].tool_calls[0]["function"]["arguments"] += e.text
+            else:
+                out.append(ChatDelta(tool_calls=[{"index": e.index, "function": {"arguments": e.text}}]))
+        last = key
+    return out
 
 
 def _collect(state: ChoiceState, d) -> None:
@@ -161,6 +235,7 @@ async def completions(data: CompletionRequest, request: Request) -> Completion:
     if data.echo and params.logprobs:
         raise InvalidRequestError("echo with logprobs (prompt logprobs) is not supported")
     echoes = [_echo(served, p) if data.echo else "" for p in prompts]
+    await compile_guided(served, params)
     streams = served.submit(prompts, params, arrival)
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)

@@ -1,0 +1,98 @@
+"""Errors on /v1/messages* in Anthropic's shape: {"type": "error", "error": {"type", "message"}}.
+
+These handlers sit on the Anthropic route handlers themselves, so they win over the app's
+OpenAI-shaped ones for everything raised while serving those routes: the body's validation,
+the API-key guard, the body-size limit, engine errors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from localserve.errors import EngineOverloadedError, LocalServeError
+from localserve.server.anthropic_protocol import ErrorDetail, ErrorResponse
+
+log = logging.getLogger("localserve.server")
+
+# a full server is "overloaded" to Anthropic clients (they back off and retry on 529)
+OVERLOADED = 529
+
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    OVERLOADED: "overloaded_error",
+}
+
+
+def error_body(status: int, message: str) -> ErrorResponse:
+    return ErrorResponse(error=ErrorDetail(type=TYPES.get(status, "api_error"), message=message))
+
+
+def status_of(exc: LocalServeError) -> int:
+    return OVERLOADED if isinstance(exc, EngineOverloadedError) else exc.status
+
+
+def _respond(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(content=error_body(status, message), status_code=status, media_type=MediaType.JSON,
+                    headers=headers)
+
+
+def on_localserve_error(_: Request, exc: LocalServeError) -> Response:
+    if exc.status >= 500:
+        log.error("%s", exc)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, EngineOverloadedError) else None
+    return _respond(status_of(exc), str(exc), headers)
+
+
+def on_validation_error(_: Request, exc: ValidationException) -> Response:
+    details = []
+    for item in exc.extra or []:
+        if isinstance(item, dict):
+            where = item.get("key") or ""
+            where = "" if where == "data" else where  # the body itself
+            details.append(f"{item.get('message', '')}{f' (at {where})' if where else ''}")
+        else:
+            details.append(str(item))
+    details = [d for d in details if d]
+    return _respond(400, "invalid request body: " + ("; ".join(details) if details else str(exc.detail)))
+
+
+def _malformed_json(exc: BaseException) -> str | None:
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if isinstance(cause, msgspec.DecodeError) and not isinstance(cause, msgspec.ValidationError):
+            return f"the request body is not valid JSON: {cause}"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def on_http_error(_: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    if status == 400 and (malformed := _malformed_json(exc)):
+        return _respond(400, malformed)
+    message = {413: "the request body is too large"}.get(status) or str(exc.detail)
+    return _respond(status, message, dict(exc.headers or {}) or None)
+
+
+def on_unexpected_error(_: Request, exc: Exception) -> Response:
+    log.exception("unexpected error while serving an Anthropic request")
+    return _respond(500, f"internal server error ({type(exc).__name__})")
+
+
+EXCEPTION_HANDLERS = {
+    LocalServeError: on_localserve_error,
+    ValidationException: on_validation_error,
+    HTTPException: on_http_error,
+    Exception: on_unexpected_error,
+}
