@@ -70,6 +70,10 @@ def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         raise NotAuthorizedException("this route needs the server's API key: send 'Authorization: Bearer <key>'")
 
 
+# every store route: tagged for the OpenAPI page, behind the API key when the server has one
+STORE = {"tags": ["store"], "guards": [require_api_key]}
+
+
 def _store_errors(fn):
     """StoreError -> 400 (404 when the model is not there), with the store's message."""
     import functools
@@ -112,7 +116,7 @@ def _path_or_none(store, m) -> Path | None:
         return None
 
 
-@get("/api/models", sync_to_thread=True, summary="Models in the store", tags=["store"], guards=[require_api_key])
+@get("/api/models", sync_to_thread=True, summary="Models in the store", **STORE)
 @_store_errors
 def list_models(request: Request) -> dict:
     from localserve.store.default import is_default
@@ -121,7 +125,7 @@ def list_models(request: Request) -> dict:
     return {"models": [manifest_row(m, is_default(m), served, _path_or_none(store, m)) for m in store.list()]}
 
 
-@get("/api/models/{name:path}", sync_to_thread=True, summary="One model: metadata and memory needs", tags=["store"], guards=[require_api_key])
+@get("/api/models/{name:path}", sync_to_thread=True, summary="One model: metadata and memory needs", **STORE)
 @_store_errors
 def show_model(request: Request, name: str, ctx: int | None = None) -> dict:
     from localserve.store.default import is_default
@@ -142,7 +146,7 @@ def show_model(request: Request, name: str, ctx: int | None = None) -> dict:
     return row
 
 
-@delete("/api/models/{name:path}", sync_to_thread=True, status_code=200, summary="Remove a model", tags=["store"], guards=[require_api_key])
+@delete("/api/models/{name:path}", sync_to_thread=True, status_code=200, summary="Remove a model", **STORE)
 @_store_errors
 def delete_model(request: Request, name: str) -> dict:
     from localserve.store.default import is_default
@@ -150,7 +154,8 @@ def delete_model(request: Request, name: str) -> dict:
     store = store_service(request).store
     m = store.lookup(name.lstrip("/"))
     if is_default(m):
-        raise HTTPException(status_code=400, detail=f"{m.ref} is the embedded default model; it ships with localserve and stays")
+        raise HTTPException(status_code=400,
+                            detail=f"{m.ref} is the embedded default model; it ships with localserve and stays")
     path = _path_or_none(store, m)
     if path is not None and str(path) == _served_path(request):
         raise HTTPException(status_code=409, detail=f"{m.ref} is the model this server serves; stop the server first")
@@ -158,7 +163,7 @@ def delete_model(request: Request, name: str) -> dict:
     return {"deleted": m.ref, "freed": freed}
 
 
-@post("/api/pull", status_code=202, summary="Pull a model into the store (a job)", tags=["store"], guards=[require_api_key])
+@post("/api/pull", status_code=202, summary="Pull a model into the store (a job)", **STORE)
 async def start_pull(request: Request, data: dict) -> dict:
     ref = str(data.get("ref") or data.get("model") or "").strip()
     if not ref:
@@ -199,7 +204,7 @@ def _check_quantize(service: StoreService, source: str, target: str, name: str |
 
 
 @post("/api/quantize", status_code=202, summary="Quantize a model into the store (a job)",
-      tags=["store"], guards=[require_api_key])
+      **STORE)
 async def start_quantize(request: Request, data: dict) -> dict:
     source, target = str(data.get("source") or "").strip(), str(data.get("target") or "").strip().upper()
     if not source or not target:
@@ -223,14 +228,14 @@ async def start_quantize(request: Request, data: dict) -> dict:
     return service.jobs.start("quantize", source, {"target": target, "name": name}, work, unit="weights").to_dict()
 
 
-@get("/api/quantize/types", sync_to_thread=True, summary="Quantization targets", tags=["store"], guards=[require_api_key])
+@get("/api/quantize/types", sync_to_thread=True, summary="Quantization targets", **STORE)
 def quantize_types() -> dict:
     from localserve.store.quantize import HF_TARGETS, writable_types
 
     return {"gguf": writable_types(), "hf": list(HF_TARGETS)}
 
 
-@get("/api/quantize/estimate", sync_to_thread=True, summary="Estimated output size of a quantization", tags=["store"], guards=[require_api_key])
+@get("/api/quantize/estimate", sync_to_thread=True, summary="Estimated output size of a quantization", **STORE)
 @_store_errors
 def quantize_estimate(request: Request, source: str, target: str) -> dict:
     from localserve.store.quantize_job import resolve_source
@@ -274,12 +279,12 @@ def estimate_quantized(path: Path, target: str) -> dict:
     return {"source_bytes": src + overhead, "estimated_bytes": out + overhead, "target": target}
 
 
-@get("/api/jobs", summary="Pull and quantize jobs", tags=["store"], guards=[require_api_key])
+@get("/api/jobs", summary="Pull and quantize jobs", **STORE)
 async def list_jobs(request: Request) -> dict:
     return {"jobs": [j.to_dict() for j in store_service(request).jobs.list()]}
 
 
-@get("/api/jobs/{job_id:str}", summary="One job", tags=["store"], guards=[require_api_key])
+@get("/api/jobs/{job_id:str}", summary="One job", **STORE)
 async def get_job(request: Request, job_id: str) -> dict:
     job = store_service(request).jobs.get(job_id)
     if job is None:
@@ -287,7 +292,7 @@ async def get_job(request: Request, job_id: str) -> dict:
     return job.to_dict()
 
 
-@delete("/api/jobs/{job_id:str}", status_code=200, summary="Cancel a job", tags=["store"], guards=[require_api_key])
+@delete("/api/jobs/{job_id:str}", status_code=200, summary="Cancel a job", **STORE)
 async def cancel_job(request: Request, job_id: str) -> dict:
     job = store_service(request).jobs.cancel(job_id)
     if job is None:

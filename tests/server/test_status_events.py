@@ -113,7 +113,8 @@ def test_stats_every_second_and_type_filter(srv):
         assert time.monotonic() - t0 < 5
     for s in (first, second):
         assert s["type"] == "stats" and s["model"] == "random:tiny-llama"
-        assert {"running", "waiting", "queue_peak", "kv", "prefix_hit_rate", "prefix_hit_rate_recent", "tok_s"} <= set(s)
+        assert {"running", "waiting", "queue_peak", "kv", "prefix_hit_rate", "prefix_hit_rate_recent",
+                "tok_s"} <= set(s)
         assert 0.0 <= s["kv"]["usage"] <= 1.0 and s["tok_s"] >= 0
     assert 0.5 < second["time"] - first["time"] < 2.0
     assert max(first["generated_tokens"], second["generated_tokens"]) >= 200
