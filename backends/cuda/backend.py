@@ -2,8 +2,12 @@
 
 Attention, in order of preference (each falls back to the next with a logged reason, at load
 or at the warm-up; never at a request): FlashInfer (bf16/fp16 only) → the Triton kernel →
-torch SDPA over gathered pages. Decode steps replay CUDA graphs over padded batch-size buckets.
+torch SDPA over gathered pages. In bf16/fp16 the elementwise work of a layer runs in fused
+Triton kernels (fused_model.py; dropped with a logged reason if they fail in the warm-up;
+LOCALSERVE_FUSED=0/1 overrides). Decode steps replay CUDA graphs over padded batch-size buckets.
 Sampling runs on the device (torch_common.sampling): only the sampled ids reach the host.
+`step_events`, when a list, collects (start, end) CUDA events of each step's device work
+(scripts/gpu_bench.py's idle share).
 
 Memory: `BackendConfig.memory_utilization` is the fraction of the GPU's total memory this
 process may hold (vLLM's --gpu-memory-utilization): the KV pages get what is left of it after
@@ -19,7 +23,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from localserve.backends.torch_common.model import DecoderModel
 from localserve.backends.torch_common.sampling import sample
 from localserve.engine.backend import BackendConfig, Buckets, DeviceInfo
 from localserve.engine.plan import ForwardOutput, Plan, SamplingRow
@@ -28,6 +31,7 @@ from localserve.errors import ModelLoadError
 from localserve.models.weights import LoadedWeights
 
 from . import device as gpu
+from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, default_buckets
 from .inputs import DeviceRope, DeviceTorchAttention, step_inputs
 from .weights import build_device_weights
@@ -50,7 +54,7 @@ class CUDABackend:
         self._device_override = torch.device(device) if device is not None else None
         self.device = torch.device("cpu")
         self.cfg = BackendConfig()
-        self.model: DecoderModel | None = None
+        self.model: FusedDecoderModel | None = None
         self.weights: LoadedWeights | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kv_dtype = torch.bfloat16
@@ -62,6 +66,8 @@ class CUDABackend:
         self.num_blocks = 0
         self._activation_peak = 0
         self._warmed = False
+        # (start, end) CUDA events of each step's device work, when a benchmark asks
+        self.step_events: list | None = None
 
     # -- discovery --------------------------------------------------------------------
     @classmethod
@@ -87,7 +93,7 @@ class CUDABackend:
         self.weights = model
         w = build_device_weights(model, dtype, self.device)
         mc = model.config
-        self.model = DecoderModel(mc, w, None, dtype)  # attention chosen below
+        self.model = FusedDecoderModel(mc, w, None, dtype)  # attention chosen below
         self.rope = DeviceRope(self.model, mc.max_context, self.device)
         self._select_attention(self._attention_candidates(dtype))
 
@@ -136,10 +142,31 @@ class CUDABackend:
             try:
                 self.model.attention = self._make_attention(kind)
                 self.attention_name = kind
+                self._choose_fused()
                 return
             except Exception as exc:  # ImportError, missing toolchain, unsupported shape...
                 self._note_fallback(kind, exc)
         raise RuntimeError("no attention implementation works: " + "; ".join(self.fallbacks))
+
+    def _choose_fused(self) -> None:
+        """Triton elementwise kernels (fused_model.py) in bf16/fp16 on a GPU, whatever the
+        attention; LOCALSERVE_FUSED=1 forces them (fp32, the interpreter), 0 disables them."""
+        self.model.fused = False
+        flag = os.environ.get("LOCALSERVE_FUSED", "auto")
+        if flag == "0":
+            return
+        if flag != "1" and (self.device.type != "cuda" or self.model.dtype == torch.float32):
+            return
+        from localserve.backends.triton_kernels import triton_available
+
+        ok, why = triton_available()
+        if not ok:
+            self.fallbacks.append(f"fused kernels: {why}")
+            return
+        try:
+            self.model.enable_fused(self.rope)
+        except Exception as exc:  # a broken Triton install fails at kernel definition
+            self._note_fallback("fused kernels", exc)
 
     def _note_fallback(self, kind: str, exc: BaseException) -> None:
         msg = f"{kind}: {type(exc).__name__}: {exc}"
@@ -180,6 +207,7 @@ class CUDABackend:
         self._warmed = True
         tokens = max(1, self.cfg.max_num_batched_tokens)
         seqs = max(1, min(self.cfg.max_num_seqs, tokens))
+        suspect = None  # a failure with the fused kernels on, retried without them
         while True:
             kv = None
             try:
@@ -188,6 +216,8 @@ class CUDABackend:
                 self._reset_peak()
                 self._run_dummy_steps(kv, tokens, seqs, block_size)
                 self._activation_peak = max(0, self._peak() - base)
+                if suspect is not None:  # it works without them: they were the cause
+                    self._note_fallback("fused kernels", suspect)
                 return
             except torch.cuda.OutOfMemoryError as exc:
                 free, total = gpu.memory_report(self.device)
@@ -195,6 +225,11 @@ class CUDABackend:
                     f"in a warm-up step of {tokens} tokens", self._peak(), free, total,
                     "lower max_num_batched_tokens or max_num_seqs")) from exc
             except Exception as exc:
+                if self.model.fused:  # first the same attention without the fused kernels
+                    suspect = exc
+                    self.model.fused = False
+                    continue
+                suspect = None  # the attention itself fails: the next one (fused again)
                 order = list(self.attention_order)
                 rest = order[order.index(self.attention_name) + 1:]
                 self._note_fallback(self.attention_name, exc)
@@ -210,7 +245,7 @@ class CUDABackend:
         lens[: tokens % seqs] += 1
         lens = lens[lens > 0]
         for plan in _dummy_plans(lens, block_size, self.model.cfg.vocab_size):
-            step = step_inputs(plan, self.rope, self.model.attention, self.device)
+            step = step_inputs(plan, self.model, self.rope, self.device)
             logits = self.model.forward(step, kv)
             sample(logits, plan.sampling)
             self._sync()
@@ -226,10 +261,14 @@ class CUDABackend:
         assert self.model is not None, "load() first"
         if not self._warmed:  # the engine was given num_blocks and skipped kv_capacity()
             self._warm_up(block_size)
+        if self.kv and (num_blocks, block_size) == (self.num_blocks, self.block_size):
+            return  # a new engine over this backend: the pages and graphs stay valid
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv = []
         self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the old pages go back before the new ones are taken
         try:
             # one more block than the engine's: the scratch page padded graph rows write to
             self.kv = self._allocate_kv(num_blocks + 1, block_size)
@@ -261,15 +300,29 @@ class CUDABackend:
         assert self.model is not None and self.kv, "load() and init_kv() first"
         if plan.num_tokens == 0:
             return ForwardOutput(token_ids=np.zeros(0, dtype=np.int64))
+        events = self.step_events is not None and self.device.type == "cuda"
         if (self.graphs is not None and plan.is_decode_only
                 and plan.num_seqs <= self.graphs.max_batch):
-            logits = self.graphs.run(plan)
+            self.graphs.prepare(plan)  # host work: fills the inputs, plans the attention
+            start = self._event(events)
+            logits = self.graphs.replay(plan)
             if len(plan.sample_idx) != plan.num_seqs:
                 logits = logits[torch.from_numpy(plan.sample_idx.astype(np.int64)).to(self.device)]
         else:
-            step = step_inputs(plan, self.rope, self.model.attention, self.device)
+            step = step_inputs(plan, self.model, self.rope, self.device)
+            start = self._event(events)
             logits = self.model.forward(step, self.kv)
-        return sample(logits, plan.sampling)
+        out = sample(logits, plan.sampling)  # ends with the one device-to-host copy of the ids
+        if events:
+            self.step_events.append((start, self._event(True)))
+        return out
+
+    def _event(self, record: bool):
+        if not record:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
 
     def close(self) -> None:
         self.graphs = None

@@ -14,6 +14,7 @@ into those buffers), the pattern SGLang uses.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +65,8 @@ class FlashInferPagedAttention:
         self.backend = backend
         # decode through the tensor-core (prefill) kernels once a KV head serves >= 4 query
         # heads, as SGLang does; it also shares their JIT module, one compile fewer
-        self.tensor_cores = num_heads // num_kv_heads >= 4
+        flag = os.environ.get("LOCALSERVE_FI_TENSOR_CORES", "auto")  # "0" / "1": for A/B runs
+        self.tensor_cores = num_heads // num_kv_heads >= 4 if flag == "auto" else flag == "1"
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         kinds = [False, True] if sliding_window else [False]
         self.prefill = {s: flashinfer.BatchPrefillWithPagedKVCacheWrapper(
@@ -129,6 +131,11 @@ class FlashInferPagedAttention:
         """q [T, H, D], k/v [T, Hkv, D]; caches [slots, Hkv, D] → [T, H * D]."""
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        return self.attend(q, k_cache, v_cache, meta, sliding)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: FlashInferMetadata, sliding: bool) -> torch.Tensor:
+        """Attention of q over caches that already hold this step's K/V → [T, H * D]."""
         bs = meta.block_size
         paged = (k_cache.view(-1, bs, self.num_kv_heads, self.head_dim),
                  v_cache.view(-1, bs, self.num_kv_heads, self.head_dim))

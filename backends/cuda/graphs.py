@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
-from localserve.backends.torch_common.model import DecoderModel, StepInputs
+from localserve.backends.torch_common.model import DecoderModel
 
-from .inputs import DeviceRope, PaddedDecode
+from .inputs import DeviceRope, PaddedDecode, make_step
 
 log = logging.getLogger("localserve.backends.cuda")
 
@@ -39,12 +38,14 @@ class DecodeGraphs:
         self.kv = kv
         self.buckets = tuple(sorted(buckets))
         self.block_size = block_size
+        self.max_blocks = max_blocks
         self.scratch_block = scratch_block
         self.device = device
         top = self.buckets[-1]
         self.input_ids = torch.zeros(top, dtype=torch.long, device=device)
         self.positions = torch.zeros(top, dtype=torch.long, device=device)
         self.slot_mapping = torch.zeros(top, dtype=torch.long, device=device)
+        self.rows = torch.arange(top, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
         self.pool = None
         # the largest first, so smaller graphs fit in the memory pool it leaves
@@ -56,9 +57,8 @@ class DecodeGraphs:
         return self.buckets[-1]
 
     def _forward(self, bs: int, meta) -> torch.Tensor:
-        full, sliding = self.rope.gather(self.positions[:bs])
-        step = StepInputs(input_ids=self.input_ids[:bs], rope_full=full, rope_sliding=sliding,
-                          attn=meta, logits_rows=torch.arange(bs, device=self.device))
+        step = make_step(self.model, self.rope, self.input_ids[:bs], self.positions[:bs], meta,
+                         self.rows[:bs])
         return self.model.forward(step, self.kv)
 
     def _capture(self, bs: int, max_blocks: int) -> None:
@@ -91,13 +91,22 @@ class DecodeGraphs:
                 return bs
         return None
 
-    def run(self, plan) -> torch.Tensor:
-        """Logits [B, vocab] of a decode-only plan with B <= max_batch sequences."""
+    def prepare(self, plan) -> None:
+        """Host half of a decode step: the padded inputs into the static buffers of the
+        plan's bucket and its attention metadata (re-planned into fixed buffers)."""
         bs = self.bucket_for(plan.num_seqs)
-        graph, meta, logits = self.graphs[bs]
-        self._fill(meta, PaddedDecode.from_plan(plan, bs, self.scratch_block))
+        self._fill(self.graphs[bs][1], PaddedDecode.from_plan(plan, bs, self.scratch_block))
+
+    def replay(self, plan) -> torch.Tensor:
+        """Logits [B, vocab] of a decode-only plan whose inputs `prepare` filled."""
+        graph, _, logits = self.graphs[self.bucket_for(plan.num_seqs)]
         graph.replay()
         return logits[: plan.num_seqs]
+
+    def run(self, plan) -> torch.Tensor:
+        """Logits [B, vocab] of a decode-only plan with B <= max_batch sequences."""
+        self.prepare(plan)
+        return self.replay(plan)
 
 
 def capture_or_none(*args, **kwargs) -> DecodeGraphs | None:

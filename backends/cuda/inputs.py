@@ -15,6 +15,8 @@ from localserve.backends.torch_common.attention import (
 from localserve.backends.torch_common.model import DecoderModel, StepInputs
 from localserve.engine.plan import Plan
 
+from .fused_model import FusedStep
+
 
 class DeviceRope:
     """A model's rope cos/sin tables on the device for every position of its context, in the
@@ -46,16 +48,23 @@ def sampled_rows(plan: Plan) -> np.ndarray:
     return plan.query_start_loc[plan.sample_idx.astype(np.int64) + 1].astype(np.int64) - 1
 
 
-def step_inputs(plan: Plan, rope: DeviceRope, attention, device: torch.device) -> StepInputs:
-    positions = to_device(plan.positions, np.int64, device)
+def step_inputs(plan: Plan, model: DecoderModel, rope: DeviceRope, device: torch.device):
+    """The model's per-step inputs on the device (attention planned once for the step)."""
+    return make_step(model, rope, to_device(plan.input_ids, np.int64, device),
+                     to_device(plan.positions, np.int64, device), model.attention.prepare(plan),
+                     to_device(sampled_rows(plan), np.int64, device))
+
+
+def make_step(model: DecoderModel, rope: DeviceRope, input_ids: torch.Tensor,
+              positions: torch.Tensor, attn, logits_rows: torch.Tensor):
+    """FusedStep for a fused model (rope is looked up in its kernel), else StepInputs with
+    the cos/sin rows gathered."""
+    if getattr(model, "fused", False):
+        return FusedStep(input_ids=input_ids, positions=positions, attn=attn,
+                         logits_rows=logits_rows)
     full, sliding = rope.gather(positions)
-    return StepInputs(
-        input_ids=to_device(plan.input_ids, np.int64, device),
-        rope_full=full,
-        rope_sliding=sliding,
-        attn=attention.prepare(plan),
-        logits_rows=to_device(sampled_rows(plan), np.int64, device),
-    )
+    return StepInputs(input_ids=input_ids, rope_full=full, rope_sliding=sliding, attn=attn,
+                      logits_rows=logits_rows)
 
 
 class DeviceTorchAttention(TorchPagedAttention):
@@ -67,6 +76,13 @@ class DeviceTorchAttention(TorchPagedAttention):
     def __init__(self, *args, device: torch.device) -> None:
         super().__init__(*args)
         self.device = device
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, sliding: bool) -> torch.Tensor:
+        """Attention over caches that already hold this step's K/V (the fused kernels wrote
+        them): the rows are read back and rewritten unchanged by forward's copy."""
+        slots = meta.slot_mapping
+        return self.forward(q, k_cache[slots], v_cache[slots], k_cache, v_cache, meta, sliding)
 
     def prepare(self, plan: Plan) -> AttentionMetadata:
         meta = super().prepare(plan)

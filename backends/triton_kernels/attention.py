@@ -79,6 +79,11 @@ class TritonPagedAttention:
         """q [T, H, D], k/v [T, Hkv, D]; caches [slots, Hkv, D] → [T, H * D]."""
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        return self.attend(q, k_cache, v_cache, meta, sliding)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: TritonAttentionMetadata, sliding: bool) -> torch.Tensor:
+        """Attention of q over caches that already hold this step's K/V → [T, H * D]."""
         out = torch.empty_like(q)
         paged_attention(
             q, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.seq_lens,

@@ -58,16 +58,18 @@ def test_out_of_memory_message_names_the_need():
     assert "16.00 GiB" in msg and "3.00 GiB" in msg and "use bf16" in msg
 
 
-@pytest.mark.parametrize("attention", ["triton", "torch"])
-def test_conformance_on_cpu_device(attention, monkeypatch):
-    """The backend's own code path (weights, device rope, step inputs, attention, sampling)
-    against CPUBackend: same greedy tokens, batched == alone, prefix hit == cold."""
+@pytest.mark.parametrize("attention,fused", [("triton", "0"), ("torch", "0")])
+def test_conformance_on_cpu_device(attention, fused, monkeypatch):
+    """The backend's own code path (weights, device rope, step inputs, attention, the fused
+    Triton kernels, sampling) against CPUBackend: same greedy tokens, batched == alone,
+    prefix hit == cold."""
     if attention == "triton":
         pytest.importorskip("triton", reason="triton is not installed")
     from localserve.backends.cuda import CUDABackend
     from localserve.backends.cuda.conformance import run_conformance
 
     monkeypatch.setenv("LOCALSERVE_ATTENTION", attention)
+    monkeypatch.setenv("LOCALSERVE_FUSED", fused)
     backends = []
 
     def make():
@@ -80,6 +82,60 @@ def test_conformance_on_cpu_device(attention, monkeypatch):
         report = run_conformance(make, models=("tiny-llama", "tiny-gemma3"))
     assert report.ok, "\n".join(report.lines())
     assert {b.attention_name for b in backends} == {attention}
+    assert {b.model.fused for b in backends} == {fused == "1"}
+
+
+@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-qwen3", "tiny-qwen2"])
+def test_fused_kernels_match_the_cpu_reference(model, monkeypatch):
+    """FusedDecoderModel (Triton norms, rope + qk-norm + KV write, act*mul; here in the
+    interpreter, fp32) gives the CPU reference's logits for a prefill that spans pages."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from localserve.backends.cuda import CUDABackend
+    from localserve.backends.cuda.conformance import logits_error, tiny_weights
+
+    monkeypatch.setenv("LOCALSERVE_ATTENTION", "torch")
+    monkeypatch.setenv("LOCALSERVE_FUSED", "1")
+    be = CUDABackend(device="cpu")
+    w = tiny_weights(model)
+    prompt = list(range(3, 40))
+    err = logits_error(be, w, BackendConfig(dtype="float32", max_num_batched_tokens=8,
+                                            max_num_seqs=1), prompt)
+    assert be.fallbacks == [] or all("flashinfer" in f for f in be.fallbacks), be.fallbacks
+    assert err < 1e-5, err
+
+
+def test_fused_flag_follows_the_environment(monkeypatch):
+    from localserve.backends.cuda import CUDABackend
+
+    monkeypatch.setenv("LOCALSERVE_ATTENTION", "torch")
+    for flag, want in (("0", False), ("1", True), ("auto", False)):  # auto: GPU and bf16 only
+        monkeypatch.setenv("LOCALSERVE_FUSED", flag)
+        be = CUDABackend(device="cpu")
+        be.load(load_weights("random:tiny-llama"), BackendConfig(dtype="float32"))
+        assert be.model.fused is want, flag
+
+
+def test_fused_kernels_that_fail_are_dropped_before_any_request(monkeypatch):
+    """A fused kernel failing in the warm-up (a broken Triton, say) turns the fused path off
+    and keeps the attention; the reason is kept."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from localserve.backends.cuda import CUDABackend
+    from localserve.backends.triton_kernels import fused
+
+    monkeypatch.setenv("LOCALSERVE_ATTENTION", "torch")
+    monkeypatch.setenv("LOCALSERVE_FUSED", "1")
+
+    def broken(*a, **k):
+        raise RuntimeError("ptxas failed")
+
+    monkeypatch.setattr(fused, "rms_norm", broken)
+    be = CUDABackend(device="cpu")
+    be.load(load_weights("random:tiny-llama"), BackendConfig(max_num_batched_tokens=8,
+                                                             max_num_seqs=2))
+    assert be.model.fused
+    be.init_kv(16, 16)
+    assert not be.model.fused and be.attention_name == "torch"
+    assert any(f.startswith("fused kernels") and "ptxas failed" in f for f in be.fallbacks)
 
 
 def test_fallback_when_an_attention_fails(monkeypatch):
@@ -117,7 +173,9 @@ def test_gpu_bf16_conformance(attention, monkeypatch):
     from localserve.backends.cuda.conformance import run_conformance
 
     monkeypatch.setenv("LOCALSERVE_ATTENTION", attention)
-    report = run_conformance(CUDABackend, models=("tiny-llama", "tiny-gemma3"), dtype="bfloat16",
+    # head dims and GQA groups FlashInfer has kernels for
+    report = run_conformance(CUDABackend, models=("tiny-llama@128/1", "tiny-gemma3@256/1",
+                                                  "tiny-qwen3@128/2"), dtype="bfloat16",
                              logits_rtol=3e-2)
     assert report.ok, "\n".join(report.lines())
 

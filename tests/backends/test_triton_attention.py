@@ -113,3 +113,78 @@ def test_graph_metadata_roundtrip():
     attn.fill_graph_metadata(meta, plan.seq_lens, plan.block_tables)
     graph = attn.forward(q, k, v, cache[0].clone(), cache[1].clone(), meta, False)
     assert torch.allclose(eager, graph)
+
+
+# -- fused elementwise kernels (backends/triton_kernels/fused.py) ----------------------------
+
+from localserve.backends.torch_common.layers import rms_norm as torch_rms_norm  # noqa: E402
+from localserve.backends.torch_common.rope import RotaryTable, apply_rotary  # noqa: E402
+from localserve.backends.triton_kernels import fused as FK  # noqa: E402
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [64, 100])
+def test_rms_norm_and_add(dtype, n):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(5, n, generator=gen).to(dtype)
+    r = torch.randn(5, n, generator=gen).to(dtype)
+    w = (1 + 0.3 * torch.randn(n, generator=gen)).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert _rel(FK.rms_norm(x, w, 1e-6), torch_rms_norm(x, w, 1e-6)) < tol
+    res = r.clone()
+    out = FK.add_rms_norm(x, res, w, 1e-6)
+    # the residual is updated in place, rounded to the dtype as torch adds (the interpreter
+    # truncates where a GPU rounds to nearest: one bf16 ulp apart there)
+    ulp = 0 if dtype == torch.float32 else 2.0 ** -7
+    assert ((res.float() - (x + r).float()).abs() <= ulp * (x + r).float().abs()).all()
+    assert _rel(out, torch_rms_norm(x + r, w, 1e-6)) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_qk_norm_kv_write(dtype, qk_norm):
+    t, h, hkv, d = 6, 4, 2, 24
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=gen).to(dtype)
+    q = qkv[:, :h * d].unflatten(1, (h, d))  # strided views, as the model passes them
+    k = qkv[:, h * d:(h + hkv) * d].unflatten(1, (hkv, d))
+    v = qkv[:, (h + hkv) * d:].unflatten(1, (hkv, d))
+    qn = (1 + 0.3 * torch.randn(d, generator=gen)).to(dtype) if qk_norm else None
+    kn = (1 + 0.3 * torch.randn(d, generator=gen)).to(dtype) if qk_norm else None
+    table = RotaryTable(d, 10000.0, None)
+    pos = torch.tensor([0, 3, 17, 5, 9, 40])
+    cos, sin = table.lookup(pos, 63)
+    cos_t, sin_t = table.cos[:64].to(dtype), table.sin[:64].to(dtype)
+    slots = torch.tensor([7, 0, 12, 3, 30, 21])
+    kc = torch.full((32, hkv, d), 99.0).to(dtype)
+    vc = kc.clone()
+    out = FK.rope_qk_norm_kv_write(q, k, v, pos, cos_t, sin_t, slots, kc, vc, qn, kn, 1e-6)
+
+    rq, rk = q, k
+    if qk_norm:
+        rq, rk = torch_rms_norm(q, qn, 1e-6), torch_rms_norm(k, kn, 1e-6)
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    ref_q, ref_k = apply_rotary(rq, cos, sin), apply_rotary(rk, cos, sin)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert _rel(out, ref_q) < tol
+    assert _rel(kc[slots], ref_k) < tol
+    assert torch.equal(vc[slots], v)
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[slots] = False
+    assert (kc[untouched] == 99).all() and (vc[untouched] == 99).all()
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_mul(act, dtype):
+    gen = torch.Generator().manual_seed(2)
+    gu = (2 * torch.randn(3, 2 * 1500, generator=gen)).to(dtype)  # two column blocks, one partial
+    g, u = gu.chunk(2, dim=-1)
+    f = torch.nn.functional
+    ref = (f.silu(g) if act == "silu" else f.gelu(g, approximate="tanh")) * u
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert _rel(FK.act_mul(gu, act), ref) < tol

@@ -1,0 +1,92 @@
+"""FusedDecoderModel: torch_common's decoder with its elementwise work in Triton kernels.
+
+Per layer the torch path launches ~30 kernels (norm casts, rotary slices and cats, the K/V
+copies, activation, adds); at batch 1 on an H100 each costs more than the bytes it moves.
+Here a layer is: [add+]RMSNorm, qkv GEMM, rope(+qk-norm)+KV write, attention, o GEMM,
+[gemma post-norm,] add+RMSNorm, gate|up GEMM, act*mul, down GEMM[, gemma post-norm]: ~10.
+
+The residual stream is carried as (delta, residual): each layer returns its MLP output
+unadded and the next layer's first norm adds it (vLLM's fused_add_rms_norm pattern), so the
+add costs no pass of its own. With `fused` False (fp32 conformance, the torch attention,
+no Triton) it is exactly DecoderModel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from localserve.backends.torch_common.model import DecoderModel
+from localserve.backends.torch_common.weights import LayerWeights
+
+
+@dataclass(slots=True)
+class FusedStep:
+    input_ids: torch.Tensor  # long [T]
+    positions: torch.Tensor  # long [T]: rope is looked up inside the kernel
+    attn: object  # the attention's metadata (slot_mapping among it)
+    logits_rows: torch.Tensor  # long [S]
+
+
+class FusedDecoderModel(DecoderModel):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fused = False
+        self.tables = None  # a DeviceRope, set by the backend with fused
+
+    def enable_fused(self, tables) -> None:
+        from localserve.backends.triton_kernels import fused as K
+
+        self.kernels = K
+        self.tables = tables
+        self.fused = True
+
+    def forward(self, step, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(step, kv)
+        K = self.kernels
+        eps = self.cfg.rms_norm_eps
+        residual = self.w.embed(step.input_ids).contiguous()  # a fresh tensor: updated in place
+        delta = None
+        for i, lw in enumerate(self.w.layers):
+            delta, residual = self._fused_layer(i, lw, delta, residual, step, kv[i])
+        if step.logits_rows.numel() == 0:
+            return torch.empty(0, self.cfg.vocab_size, device=residual.device)
+        rows = step.logits_rows
+        r = residual[rows]
+        x = K.add_rms_norm(delta[rows], r, self.w.final_norm, eps)
+        out = self.w.lm_head(x).float()
+        cap = self.cfg.final_logit_softcapping
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    def _fused_layer(self, i: int, lw: LayerWeights, delta, residual: torch.Tensor, step,
+                     kv: tuple[torch.Tensor, torch.Tensor]):
+        K = self.kernels
+        cfg = self.cfg
+        eps = cfg.rms_norm_eps
+        t = residual.shape[0]
+        sliding = cfg.layer_is_sliding[i]
+        if delta is None:
+            x = K.rms_norm(residual, lw.attn_norm, eps)
+        else:
+            x = K.add_rms_norm(delta, residual, lw.attn_norm, eps)
+        qkv = lw.qkv(x)
+        q = qkv[:, :cfg.q_size].unflatten(1, (cfg.num_heads, cfg.head_dim))
+        k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
+        v = qkv[:, cfg.q_size + cfg.kv_size:].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
+        cos, sin = self.tables.sliding if sliding else self.tables.full
+        meta = step.attn
+        q = K.rope_qk_norm_kv_write(q, k, v, step.positions, cos, sin, meta.slot_mapping,
+                                    kv[0], kv[1], lw.q_norm, lw.k_norm, eps)
+        o = lw.o_proj(self.attention.attend(q, kv[0], kv[1], meta, sliding))
+        if lw.post_attn_norm is not None:
+            o = K.rms_norm(o, lw.post_attn_norm, eps)
+        x = K.add_rms_norm(o, residual, lw.ffn_norm, eps)
+        d = lw.down(K.act_mul(lw.gate_up(x), cfg.hidden_act))
+        if lw.post_ffw_norm is not None:
+            d = K.rms_norm(d, lw.post_ffw_norm, eps)
+        assert d.shape[0] == t
+        return d, residual
