@@ -23,6 +23,7 @@ from localserve.server import metrics as prom
 from localserve.server.errors import EXCEPTION_HANDLERS
 from localserve.server.anthropic_routes import ROUTES as ANTHROPIC_ROUTES
 from localserve.server.openai_routes import ROUTES as OPENAI_ROUTES
+from localserve.server.responses_routes import ROUTES as RESPONSES_ROUTES
 from localserve.server.monitoring import ROUTES as MONITOR_ROUTES
 from localserve.server.monitoring import Monitoring
 from localserve.server.state import STATE_KEY, ServerState, server_state
@@ -78,7 +79,7 @@ def create_app(state: ServerState, *, load: Callable[[ServerState], None] | None
                       allow_origin_regex=None if cors_origins else LOCALHOST_ORIGINS,
                       allow_methods=["*"], allow_headers=["*"])
     return Litestar(
-        route_handlers=[*OPENAI_ROUTES, *ANTHROPIC_ROUTES, health, metrics, *MONITOR_ROUTES],
+        route_handlers=[*OPENAI_ROUTES, *ANTHROPIC_ROUTES, *RESPONSES_ROUTES, health, metrics, *MONITOR_ROUTES],
         state=_app_state(state, monitoring.app_state()),
         guards=[api_key_guard],
         cors_config=cors,
