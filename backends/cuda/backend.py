@@ -34,6 +34,7 @@ from . import device as gpu
 from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, default_buckets
 from .inputs import DeviceRope, DeviceTorchAttention, step_inputs
+from .overlap import SubmittedStep, sample_on_device
 from .weights import build_device_weights
 
 log = logging.getLogger("localserve.backends.cuda")
@@ -68,6 +69,10 @@ class CUDABackend:
         self._warmed = False
         # (start, end) CUDA events of each step's device work, when a benchmark asks
         self.step_events: list | None = None
+        # overlap scheduling: the last submitted step's sampled ids (device), and an event
+        # after its host-staged inputs were copied
+        self._last_ids: torch.Tensor | None = None
+        self._staged = None
 
     # -- discovery --------------------------------------------------------------------
     @classmethod
@@ -298,24 +303,71 @@ class CUDABackend:
     @torch.inference_mode()
     def execute(self, plan: Plan) -> ForwardOutput:
         assert self.model is not None and self.kv, "load() and init_kv() first"
+        assert not plan.has_placeholders, "placeholder rows need execute_async"
         if plan.num_tokens == 0:
             return ForwardOutput(token_ids=np.zeros(0, dtype=np.int64))
         events = self.step_events is not None and self.device.type == "cuda"
+        logits, start = self._logits(plan, events)
+        out = sample(logits, plan.sampling)  # ends with the one device-to-host copy of the ids
+        if events:
+            self.step_events.append((start, self._event(True)))
+        return out
+
+    @torch.inference_mode()
+    def execute_async(self, plan: Plan) -> SubmittedStep:
+        """Overlap scheduling: launches the step and returns before its ids reach the host.
+        Placeholder rows read the ids of the step submitted just before (kept on the device);
+        steps run in submission order on the current stream."""
+        assert self.model is not None and self.kv, "load() and init_kv() first"
+        events = self.step_events is not None and self.device.type == "cuda"
+        if plan.num_tokens == 0:
+            self._last_ids = torch.zeros(0, dtype=torch.long, device=self.device)
+            return SubmittedStep(self._last_ids, ForwardOutput(token_ids=np.zeros(0, dtype=np.int64)),
+                                 None, None)
+        # the host buffers the previous step's inputs were staged from (FlashInfer's pinned
+        # plan workspace among them) are rewritten below: wait until the device has read them
+        if self._staged is not None:
+            self._staged.synchronize()
+        logits, start = self._logits(plan, events, placeholders=True)
+        ids, out = sample_on_device(logits, plan.sampling)
+        self._last_ids = ids
+        return SubmittedStep(ids, out, self.step_events if events else None, start)
+
+    def _logits(self, plan: Plan, events: bool, placeholders: bool = False):
+        """(logits [S, vocab] of the plan's sampled rows, the start event or None)."""
+        fill = placeholders and plan.has_placeholders
         if (self.graphs is not None and plan.is_decode_only
                 and plan.num_seqs <= self.graphs.max_batch):
             self.graphs.prepare(plan)  # host work: fills the inputs, plans the attention
+            if fill:
+                self._fill_placeholders(self.graphs.input_ids, plan)
+            self._mark_staged(placeholders)
             start = self._event(events)
             logits = self.graphs.replay(plan)
             if len(plan.sample_idx) != plan.num_seqs:
                 logits = logits[torch.from_numpy(plan.sample_idx.astype(np.int64)).to(self.device)]
         else:
             step = step_inputs(plan, self.model, self.rope, self.device)
+            if fill:
+                self._fill_placeholders(step.input_ids, plan)
+            self._mark_staged(placeholders)
             start = self._event(events)
             logits = self.model.forward(step, self.kv)
-        out = sample(logits, plan.sampling)  # ends with the one device-to-host copy of the ids
-        if events:
-            self.step_events.append((start, self._event(True)))
-        return out
+        return logits, start
+
+    def _fill_placeholders(self, input_ids: torch.Tensor, plan: Plan) -> None:
+        """input_ids[placeholder_rows] = the previous step's sampled ids[placeholder_src], on
+        the device, ordered after that step's sampling by the stream."""
+        rows = torch.from_numpy(plan.placeholder_rows).to(self.device, non_blocking=True)
+        src = torch.from_numpy(plan.placeholder_src).to(self.device, non_blocking=True)
+        input_ids.index_copy_(0, rows, self._last_ids.index_select(0, src))
+
+    def _mark_staged(self, overlapped: bool) -> None:
+        if overlapped and self.device.type == "cuda":
+            self._staged = torch.cuda.Event()
+            self._staged.record()
+        else:
+            self._staged = None
 
     def _event(self, record: bool):
         if not record:

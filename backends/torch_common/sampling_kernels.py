@@ -49,7 +49,11 @@ def scratch(num: int, width: int) -> torch.Tensor:
         return torch.empty(num, width)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < size:
-        buf = _scratch.buf = torch.empty(size)
+        # a normal tensor, even when first made under inference_mode: one made there could not
+        # be written to by a later call outside it (inference tensors refuse in-place updates
+        # outside inference mode), while a normal one may be written to in both
+        with torch.inference_mode(False):
+            buf = _scratch.buf = torch.empty(size)
     return buf[:size].view(num, width)
 
 

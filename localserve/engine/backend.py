@@ -40,6 +40,22 @@ class Buckets:
     decode_batch_sizes: tuple[int, ...] = ()
 
 
+class StepHandle(Protocol):
+    """A step submitted with `execute_async`: `result()` blocks until its sampled ids are on
+    the host. Called exactly once, in submission order."""
+
+    def result(self) -> ForwardOutput: ...
+
+
+@runtime_checkable
+class AsyncBackend(Protocol):
+    """Optional: a backend that can take step N+1 before step N's ids reach the host
+    (overlap scheduling). Steps run in submission order; a plan's placeholder rows read the ids
+    sampled by the plan submitted just before it (see Plan.placeholder_rows)."""
+
+    def execute_async(self, plan: Plan) -> StepHandle: ...
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: ClassVar[str]

@@ -1,9 +1,23 @@
-"""LLMEngine: the step loop over a Scheduler and a Backend (synchronous core).
+"""LLMEngine: the step loop over a Scheduler and a Backend.
+
+Synchronous core (every backend):
 
     plan = scheduler.schedule()
     out = backend.execute(plan)
     events = scheduler.update(plan, out)
     deltas = detokenize(events)
+
+Overlap scheduling (backends with `execute_async`, EngineConfig.async_scheduling): step N+1 is
+planned and submitted before step N's ids reach the host, so the host's schedule, update and
+detokenize run while the device computes:
+
+    submit(N+1 = schedule())          # decode rows of step N's sequences: placeholder ids
+    out_N = handle_N.result()         # the one device-to-host copy
+    deltas = detokenize(update(N, out_N))
+
+At most one step is in flight past the one being applied. The engine falls back to the
+synchronous order for a step whose sampled rows need their token on the host before the next
+plan (grammar masks, penalties): see Scheduler.can_overlap.
 
 Thread-safety: `add_request`, `abort` and the two scheduler halves of `step` hold one lock;
 `backend.execute` runs outside it, so an abort frees the request's pages at once even while
@@ -13,6 +27,7 @@ a step is in flight (update then skips the aborted sequence).
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import threading
 import time
@@ -39,6 +54,19 @@ class EngineConfig:
     max_context: int | None = None  # None: the model's context
     enable_prefix_cache: bool = True
     enable_jump_forward: bool = True  # see SchedulerConfig
+    # overlap scheduling: None = on when the backend has execute_async; env
+    # LOCALSERVE_ASYNC_SCHEDULING=0/1 overrides (1 still needs the backend's support)
+    async_scheduling: bool | None = None
+
+
+def _async_scheduling(cfg: EngineConfig, backend: Backend) -> bool:
+    supported = callable(getattr(backend, "execute_async", None))
+    env = os.environ.get("LOCALSERVE_ASYNC_SCHEDULING", "").strip().lower()
+    if env in ("0", "false", "off", "no"):
+        return False
+    if env in ("1", "true", "on", "yes"):
+        return supported
+    return supported and cfg.async_scheduling is not False
 
 
 class LLMEngine:
@@ -81,6 +109,9 @@ class LLMEngine:
         self._requests: dict[str, list[Request]] = {}
         self._detok: dict[int, IncrementalDetokenizer | None] = {}
         self._grammar: Any = None  # localserve.engine.grammar.TokenizerGrammar, on first use
+        # overlap scheduling; may be switched between steps when nothing is in flight
+        self.async_scheduling = _async_scheduling(cfg, backend)
+        self._inflight: tuple[Any, Any] | None = None  # (plan, handle) submitted, not applied
 
     # -- requests -------------------------------------------------------------------------
     def check_prompt(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -158,21 +189,60 @@ class LLMEngine:
                 self._detok.pop(req.seq_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._inflight is not None or self.scheduler.has_unfinished()
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[SeqDelta]:
+        if self.async_scheduling or self._inflight is not None:
+            return self._step_overlapped()
         with self._lock:
             plan = self.scheduler.schedule()
         if plan is None:
             return []
-        out = self.backend.execute(plan)
+        try:
+            out = self.backend.execute(plan)
+        except BaseException:
+            self._discard_inflight()
+            raise
         with self._lock:
             events = self.scheduler.update(plan, out)
             return self._deltas(events)
 
+    def _step_overlapped(self) -> list[SeqDelta]:
+        """Applies one step's result, after submitting the next when it can be planned now."""
+        with self._lock:
+            if self._inflight is None:
+                plan = self.scheduler.schedule()
+                if plan is None:
+                    return []
+                self._inflight = (plan, None)
+                self._inflight = (plan, self.backend.execute_async(plan))
+            plan, handle = self._inflight
+            nxt = None
+            try:
+                if self.async_scheduling and self.scheduler.can_overlap():
+                    nplan = self.scheduler.schedule()
+                    if nplan is not None:
+                        nxt = (nplan, None)
+                        nxt = (nplan, self.backend.execute_async(nplan))
+                out = handle.result()
+            except BaseException:
+                self._discard_inflight()
+                raise
+        with self._lock:
+            self._inflight = nxt
+            events = self.scheduler.update(plan, out)
+            return self._deltas(events)
+
+    def _discard_inflight(self) -> None:
+        """After a failed step: drops every step in flight (the caller fails the requests)."""
+        with self._lock:
+            self._inflight = None
+            self.scheduler.discard_inflight()
+
     def _deltas(self, events: list[TokenEvent]) -> list[SeqDelta]:
         deltas: list[SeqDelta] = []
+        retired: list[Request] = []
         for ev in events:
             req = ev.request
             if req.request_id not in self._requests:
@@ -220,7 +290,11 @@ class LLMEngine:
                 )
             )
             if req.finished:
-                self._retire(req)
+                retired.append(req)
+        # after the loop: retiring the last choice of a request drops it from _requests, which
+        # would hide its siblings' events of this same step
+        for req in retired:
+            self._retire(req)
         return deltas
 
     def _retire(self, req: Request) -> None:

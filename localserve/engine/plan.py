@@ -46,6 +46,13 @@ class Plan:
     sample_idx: np.ndarray  # int32 [S]
     sampling: list[SamplingRow]  # [S], aligned with sample_idx
     block_size: int
+    # overlap scheduling: token rows whose input id is not known on the host when the plan is
+    # built (input_ids holds 0 there). Row placeholder_rows[i] takes the id sampled in row
+    # placeholder_src[i] of the ForwardOutput of the plan submitted just before this one to
+    # the same backend (execute_async); the backend reads it from its device copy. Empty or
+    # None: every input id is in input_ids. Only plans given to execute_async carry them.
+    placeholder_rows: np.ndarray | None = None  # int64 [P]
+    placeholder_src: np.ndarray | None = None  # int64 [P]
 
     @property
     def num_seqs(self) -> int:
@@ -58,6 +65,10 @@ class Plan:
     @property
     def query_lens(self) -> np.ndarray:
         return np.diff(self.query_start_loc)
+
+    @property
+    def has_placeholders(self) -> bool:
+        return self.placeholder_rows is not None and len(self.placeholder_rows) > 0
 
     @property
     def is_decode_only(self) -> bool:

@@ -5,6 +5,14 @@ next chunk), then waiting ones are admitted while budget, sequence slots and pag
 When pages run out for a running sequence, the newest running sequence is preempted by
 recompute: its pages are released (its computed KV stays in the prefix cache while memory
 allows, so the recompute is often a cache hit) and it goes back to the front of the queue.
+
+Overlap scheduling: `schedule()` may run again while earlier steps are still in flight
+(submitted, their sampled ids not yet applied by `update`). A scheduled step's tokens count as
+computed at once (num_computed_tokens advances in `schedule`), and each sampled row leaves a
+*pending* output token: the next step feeds it as a placeholder input row (Plan.placeholder_rows)
+that the backend fills from the previous step's device ids. `update` applies steps in order;
+a sequence that finished meanwhile has its extra sampled token dropped. With no step in flight
+(the synchronous engine) nothing is pending at `schedule` and the result is the same as before.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from localserve.engine.block_tables import BlockTableRows
 from localserve.engine.kv_cache_manager import KVCacheManager
 from localserve.engine.plan import ForwardOutput, Plan, SamplingRow
 from localserve.engine.request import Request, RequestStatus
@@ -52,6 +61,19 @@ class TokenEvent:
         return self.jump_ids if self.jump_ids is not None else [self.token_id]
 
 
+@dataclass(slots=True, eq=False)
+class ScheduledStep:
+    """A step `schedule` produced whose result `update` has not applied yet."""
+
+    plan: Plan
+    plan_reqs: list[Request]  # aligned with plan.seq_ids
+    sampled: list[Request]  # aligned with plan.sample_idx
+    prompt_done: list[Request]  # sequences whose prompt's last chunk is in this step
+    # a sampled row needs its token on the host before the next step can be planned
+    # (grammar masks, penalties over the output history)
+    needs_sync: bool = False
+
+
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, eos_token_ids: frozenset[int] = frozenset()) -> None:
         self.cfg = cfg
@@ -59,7 +81,13 @@ class Scheduler:
         self.kv = KVCacheManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._scheduled: list[Request] = []
+        self._inflight: deque[ScheduledStep] = deque()  # scheduled, not yet updated, in order
+        # request -> (count, step, row): its output tokens sampled in steps still in flight;
+        # the newest was sampled in row `row` of `step`'s ForwardOutput
+        self._pending: dict[Request, tuple[int, ScheduledStep, int]] = {}
+        # prompts whose last chunk is in flight: their pages enter the prefix cache in update
+        self._uncached: set[Request] = set()
+        self._tables = BlockTableRows()
         self.num_preemptions = 0
         self.num_forced_tokens = 0  # output tokens inserted by jump-forward, lifetime
 
@@ -80,8 +108,42 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         req.status = status
+        self._free(req)
+
+    def _free(self, req: Request) -> None:
+        """Releases req's pages; the prefix cache keeps the computed KV of known tokens only
+        (under overlap, computed positions may hold a placeholder not yet on the host)."""
+        self._tables.release(req)
         if req.block_table or req.cache_node is not None:
+            n = req.num_computed_tokens
+            req.num_computed_tokens = min(n, req.num_tokens)
             self.kv.free(req, cache=True)
+            req.num_computed_tokens = n
+
+    # -- overlap --------------------------------------------------------------------------
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def can_overlap(self) -> bool:
+        """Whether the next step can be planned before the last one's tokens are applied."""
+        return not self._inflight or not self._inflight[-1].needs_sync
+
+    def discard_inflight(self) -> None:
+        """Forgets the steps in flight after the backend failed them: their sequences go back
+        to recompute (preempted) unless they finished."""
+        victims = {req for step in self._inflight for req in step.plan_reqs}
+        self._inflight.clear()
+        self._pending.clear()
+        self._uncached.clear()
+        for req in [r for r in self.running if r in victims]:
+            # their last KV may never have been written: nothing of it goes to the cache
+            self.running.remove(req)
+            self._tables.release(req)
+            self.kv.free(req, cache=False)
+            req.num_computed_tokens = 0
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)
 
     # -- schedule -------------------------------------------------------------------------
     def schedule(self) -> Plan | None:
@@ -93,7 +155,17 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted a moment ago to make room for an older sequence
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            total = req.num_tokens
+            pend = self._pending.get(req)
+            if pend is not None:
+                total += pend[0]
+                p = req.params
+                if (p.max_tokens is not None and len(req.output_token_ids) + pend[0] >= p.max_tokens) \
+                        or total >= self.cfg.max_context:
+                    continue  # its token in flight ends it: update will finish it
+            num_new = min(total - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                continue
             while not self.kv.allocate(req, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -113,7 +185,8 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting.popleft()
-            if req.wait_for is not None and not self._fork_ready(req.wait_for):
+            if (req.wait_for is not None and not self._fork_ready(req.wait_for)) \
+                    or req in self._pending:  # preempted with a token in flight: after update
                 skipped.append(req)
                 continue
             if req.num_computed_tokens == 0 and not req.block_table:
@@ -136,13 +209,14 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return budget
 
-    @staticmethod
-    def _fork_ready(leader: Request) -> bool:
-        return leader.finished or leader.num_computed_tokens >= leader.num_prompt_tokens
+    def _fork_ready(self, leader: Request) -> bool:
+        # the prompt's pages must be in the prefix cache, not just scheduled
+        return leader.finished or (leader.num_computed_tokens >= leader.num_prompt_tokens
+                                   and leader not in self._uncached)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.kv.free(req, cache=True)
+        self._free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
@@ -150,36 +224,75 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _build_plan(self, batch: list[tuple[Request, int]]) -> Plan:
+        """The step's arrays, built from per-request scalars with numpy (block tables from the
+        mirrored rows); advances each request's num_computed_tokens past this step."""
         bs = self.cfg.block_size
-        n_tok = sum(n for _, n in batch)
-        input_ids = np.empty(n_tok, dtype=np.int64)
-        positions = np.empty(n_tok, dtype=np.int64)
-        slot_mapping = np.empty(n_tok, dtype=np.int64)
-        query_start_loc = np.zeros(len(batch) + 1, dtype=np.int32)
-        seq_lens = np.empty(len(batch), dtype=np.int32)
-        max_blocks = max(len(req.block_table) for req, _ in batch)
-        block_tables = np.zeros((len(batch), max_blocks), dtype=np.int32)
+        nseq = len(batch)
+        reqs = [req for req, _ in batch]
+        ns = np.fromiter((n for _, n in batch), dtype=np.int64, count=nseq)
+        starts = np.fromiter((req.num_computed_tokens for req in reqs), dtype=np.int64, count=nseq)
+        query_start_loc = np.zeros(nseq + 1, dtype=np.int32)
+        np.cumsum(ns, out=query_start_loc[1:], dtype=np.int32)
+        n_tok = int(query_start_loc[-1])
+        seq_lens = (starts + ns).astype(np.int32)
+        rows = self._tables.rows(reqs)
+        max_blocks = max(len(req.block_table) for req in reqs)
+        block_tables = self._tables.table[rows, :max_blocks]
+        if n_tok == nseq:  # decode-only
+            positions = starts
+            tok_seq = np.arange(nseq)
+        else:
+            tok_seq = np.repeat(np.arange(nseq), ns)
+            positions = np.arange(n_tok, dtype=np.int64) + np.repeat(starts - query_start_loc[:-1], ns)
+        slot_mapping = block_tables[tok_seq, positions // bs].astype(np.int64) * bs + positions % bs
+
+        step = ScheduledStep(plan=None, plan_reqs=reqs, sampled=[], prompt_done=[])  # type: ignore[arg-type]
+        ids: list[int] = []
+        ph_rows: list[int] = []
+        ph_src: list[int] = []
         sample_idx: list[int] = []
         sampling: list[SamplingRow] = []
+        pending = self._pending
+        last = self._inflight[-1] if self._inflight else None
         t = 0
         for b, (req, n) in enumerate(batch):
             start = req.num_computed_tokens
-            pos = np.arange(start, start + n, dtype=np.int64)
-            table = np.asarray(req.block_table, dtype=np.int64)
-            input_ids[t : t + n] = req.token_ids_slice(start, start + n)
-            positions[t : t + n] = pos
-            slot_mapping[t : t + n] = table[pos // bs] * bs + pos % bs
-            block_tables[b, : len(table)] = table
-            seq_lens[b] = start + n
+            end = start + n
+            known = req.num_tokens
+            npend = 0
+            if end <= known:
+                if n == 1:
+                    p = len(req.prompt_token_ids)
+                    ids.append(req.output_token_ids[start - p] if start >= p else req.prompt_token_ids[start])
+                else:
+                    ids.extend(req.token_ids_slice(start, end))
+            else:
+                # the token at position `known` was sampled by the step submitted last and is
+                # not on the host yet: the backend reads it from its device copy
+                npend, src_step, src_row = pending[req]
+                assert end == known + 1 and src_step is last, "one placeholder, from the last step"
+                ids.extend(req.token_ids_slice(start, known))
+                ids.append(0)
+                ph_rows.append(t + n - 1)
+                ph_src.append(src_row)
+            if npend == 0 and req in pending:
+                npend = pending[req][0]
             t += n
-            query_start_loc[b + 1] = t
-            if start + n == req.num_tokens:
+            if start < req.num_prompt_tokens <= end:
+                step.prompt_done.append(req)
+                self._uncached.add(req)
+            req.num_computed_tokens = end
+            if end == known + npend:
+                row = self._sampling_row(req, npend)
+                pending[req] = (npend + 1, step, len(sample_idx))
                 sample_idx.append(b)
-                sampling.append(self._sampling_row(req))
-        self._scheduled = [req for req, _ in batch]
-        return Plan(
-            seq_ids=[req.seq_id for req in self._scheduled],
-            input_ids=input_ids,
+                sampling.append(row)
+                step.sampled.append(req)
+                if req.grammar is not None or req.params.needs_penalties:
+                    step.needs_sync = True
+        plan = Plan(
+            seq_ids=[req.seq_id for req in reqs],
+            input_ids=np.array(ids, dtype=np.int64),
             positions=positions,
             slot_mapping=slot_mapping,
             query_start_loc=query_start_loc,
@@ -189,11 +302,17 @@ class Scheduler:
             sampling=sampling,
             block_size=bs,
         )
+        if ph_rows:
+            plan.placeholder_rows = np.asarray(ph_rows, dtype=np.int64)
+            plan.placeholder_src = np.asarray(ph_src, dtype=np.int64)
+        step.plan = plan
+        self._inflight.append(step)
+        return plan
 
     @staticmethod
-    def _sampling_row(req: Request) -> SamplingRow:
+    def _sampling_row(req: Request, num_pending: int = 0) -> SamplingRow:
         p = req.params
-        row = SamplingRow(params=p, seed=req.seed, step=len(req.output_token_ids))
+        row = SamplingRow(params=p, seed=req.seed, step=len(req.output_token_ids) + num_pending)
         if p.needs_penalties:
             row.prompt_token_ids = req.prompt_token_ids
             row.output_token_ids = req.output_token_ids
@@ -204,26 +323,33 @@ class Scheduler:
 
     # -- update ---------------------------------------------------------------------------
     def update(self, plan: Plan, out: ForwardOutput) -> list[TokenEvent]:
-        scheduled = self._scheduled
-        self._scheduled = []
-        qlens = plan.query_lens
-        for b, req in enumerate(scheduled):
-            if req.status is not RequestStatus.RUNNING:
-                continue  # finished or aborted while the step ran
-            was_prefill = req.num_computed_tokens < req.num_prompt_tokens
-            req.num_computed_tokens += int(qlens[b])
-            if was_prefill and req.num_computed_tokens >= req.num_prompt_tokens:
+        """Applies the oldest step in flight (`plan`): its sampled tokens, stops, finishes."""
+        step = self._inflight.popleft()
+        assert step.plan is plan, "update() must follow schedule() order"
+        for req in step.prompt_done:
+            self._uncached.discard(req)
+            if not req.finished and req.block_table:
                 # share the prompt's pages with forks and concurrent requests at once
+                n = req.num_computed_tokens
+                req.num_computed_tokens = min(n, req.num_tokens)
                 self.kv.cache(req)
+                req.num_computed_tokens = n
         events: list[TokenEvent] = []
-        for s, b in enumerate(plan.sample_idx.tolist()):
-            req = scheduled[b]
-            if req.status is not RequestStatus.RUNNING:
-                continue
-            tok = int(out.token_ids[s])
+        token_ids = out.token_ids.tolist()
+        pending = self._pending
+        want_lp = out.logprobs is not None
+        for s, req in enumerate(step.sampled):
+            count, last, row = pending[req]
+            if count == 1:
+                del pending[req]
+            else:
+                pending[req] = (count - 1, last, row)
+            if req.finished:
+                continue  # finished or aborted while the step ran: its token is dropped
+            tok = token_ids[s]
             req.output_token_ids.append(tok)
             ev = TokenEvent(req, tok)
-            if out.logprobs is not None and req.params.logprobs:
+            if want_lp and req.params.logprobs:
                 ev.logprob = float(out.logprobs[s])
                 k = req.params.num_top_logprobs
                 if k and out.top_ids is not None:
@@ -284,3 +410,5 @@ class Scheduler:
             assert len(req.block_table) * self.cfg.block_size >= req.num_computed_tokens
         for req in self.waiting:
             assert req.status is RequestStatus.WAITING and not req.block_table
+        for req, (count, _, _) in self._pending.items():
+            assert 0 < count <= len(self._inflight)
