@@ -74,6 +74,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="measure the server's streaming overhead instead: the same greedy stream of "
                    "--decode-tokens in-process and through `localserve up` (HTTP + SSE), alternating, "
                    "--repeats times; prints wall and CPU ms per token of each and the difference")
+    p.add_argument("--grammar", action="store_true",
+                   help="measure grammar-constrained decoding instead: mask time per token, decode tok/s of "
+                   "json_schema vs unconstrained (equal lengths, alternating, jump-forward on and off) at 1 and "
+                   "16 concurrent requests (--concurrency if given), and the jump-forward share; constrained "
+                   "requests get at most --decode-tokens tokens")
     p.set_defaults(func=run_bench_command)
 
 
@@ -84,6 +89,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     if args.serving:
         return _run_serving(args)
+    if args.grammar:
+        return _run_grammar(args)
     if args.from_json:
         result = BenchResult.read_json(args.from_json)
     else:
@@ -119,6 +126,22 @@ def _run_serving(args: argparse.Namespace) -> int:
     result = run_serving_overhead(args.model, backend, args.threads, tokens=args.decode_tokens,
                                   repeats=args.repeats, warmup=args.warmup,
                                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _run_grammar(args: argparse.Namespace) -> int:
+    import json
+
+    from localserve.bench.config import BenchConfig
+    from localserve.bench.grammar import run_grammar_bench
+
+    concurrency = (1, 16) if args.concurrency == BenchConfig().concurrency else args.concurrency
+    result = run_grammar_bench(args.model, args.threads, concurrency, max_tokens=args.decode_tokens,
+                               repeats=args.repeats, warmup=args.warmup,
+                               log=lambda m: print(m, file=sys.stderr, flush=True))
     print(result.table())
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -71,6 +71,7 @@ def serve(settings) -> int:
     import uvicorn
 
     from localserve.server.app import create_app
+    from localserve.server.monitoring import end_streams_on_exit
     from localserve.server.state import ServerState
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -85,6 +86,7 @@ def serve(settings) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             access_log=settings.log_level.lower() == "debug", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
+    end_streams_on_exit(server, app)  # open /api/events streams must not hold up a stop
     _exit_cleanly_on_signals()
     server.run()  # returns after SIGINT/SIGTERM, once open requests are done or cancelled
     if not server.started:

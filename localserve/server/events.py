@@ -53,8 +53,9 @@ class _Subscriber:
     dropped: int = 0
 
 
-def _offer(sub: _Subscriber, event: Event) -> None:
-    """Runs on the subscriber's loop: drop the oldest event when the queue is full."""
+def _offer(sub: _Subscriber, event: Event | None) -> None:
+    """Runs on the subscriber's loop: drop the oldest event when the queue is full. None ends
+    the subscriber's stream."""
     if sub.queue.full():
         sub.queue.get_nowait()
         sub.dropped += 1
@@ -105,6 +106,16 @@ class EventBus:
     def unsubscribe(self, sub: _Subscriber) -> None:
         self._remove(sub)
 
+    def close(self) -> None:
+        """Ends every open stream (the server is stopping: uvicorn would wait for them)."""
+        with self._lock:
+            subs = list(self._subs)
+        for sub in subs:
+            try:
+                sub.loop.call_soon_threadsafe(_offer, sub, None)
+            except RuntimeError:
+                self._remove(sub)
+
     def _remove(self, sub: _Subscriber) -> None:
         with self._lock:
             self._subs.discard(sub)
@@ -129,10 +140,12 @@ async def _stream(bus: EventBus, types: frozenset[str] | None) -> AsyncIterator[
         yield ServerSentEventMessage(data=json.dumps({"type": "hello", "time": time.time()}), event="hello")
         while True:
             try:
-                ev: Event = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
+                ev: Event | None = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
             except asyncio.TimeoutError:  # a comment line keeps proxies from closing an idle stream
                 yield ServerSentEventMessage(comment="keep-alive")
                 continue
+            if ev is None:  # EventBus.close()
+                return
             yield ServerSentEventMessage(data=ev.to_json(), event=ev.type, id=str(ev.id))
     finally:
         bus.unsubscribe(sub)

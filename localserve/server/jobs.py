@@ -20,7 +20,6 @@ from localserve.server.events import EventBus
 log = logging.getLogger("localserve.server.jobs")
 
 PROGRESS_INTERVAL = 0.2
-JOB_STATES = ("running", "done", "failed", "cancelled")
 MAX_KEPT = 50  # finished jobs kept for GET /api/jobs
 
 

@@ -61,3 +61,15 @@ class Monitoring:
                 await self._ticker
         if self.state.served is not None:
             self.bus.publish("model_unload", name=self.state.served.name)
+
+
+def end_streams_on_exit(server, app) -> None:
+    """uvicorn waits up to its graceful timeout for open responses before it shuts the app
+    down; the /api/events streams never end by themselves, so a stop signal ends them first."""
+    handle_exit = server.handle_exit
+
+    def on_exit(sig, frame) -> None:
+        app.state[EVENTS_KEY].close()
+        handle_exit(sig, frame)
+
+    server.handle_exit = on_exit

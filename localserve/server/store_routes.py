@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import threading
 from dataclasses import dataclass, field
 from math import prod
@@ -93,18 +94,27 @@ def _store_errors(fn):
     return run
 
 
-def manifest_row(m, default: bool, served_path: str | None, path: Path | None) -> dict:
+def manifest_row(m, default: bool, served: bool) -> dict:
     return {
         "name": m.ref, "size": m.size, "format": m.format, "quantization": m.quantization,
         "architecture": m.architecture, "parameters": m.parameters, "context": m.context,
         "source": m.source, "modified": m.created, "default": default,
-        "served": served_path is not None and path is not None and str(path) == served_path,
+        "served": served,
     }
 
 
-def _served_path(request: Request) -> str | None:
+def _is_served(request: Request, m, path: Path | None) -> bool:
+    """The server serves this model: by its store name, or by its file (the embedded default
+    is served from the runtime's copy, which the store holds as a hard link)."""
     served = server_state(request).served
-    return served.loaded.source if served is not None else None
+    if served is None:
+        return False
+    if m.ref in served.names:
+        return True
+    try:
+        return path is not None and os.path.samefile(path, served.loaded.source)
+    except OSError:  # random:..., a file that went away
+        return False
 
 
 def _path_or_none(store, m) -> Path | None:
@@ -121,8 +131,9 @@ def _path_or_none(store, m) -> Path | None:
 def list_models(request: Request) -> dict:
     from localserve.store.default import is_default
 
-    store, served = store_service(request).store, _served_path(request)
-    return {"models": [manifest_row(m, is_default(m), served, _path_or_none(store, m)) for m in store.list()]}
+    store = store_service(request).store
+    rows = [manifest_row(m, is_default(m), _is_served(request, m, _path_or_none(store, m))) for m in store.list()]
+    return {"models": rows}
 
 
 @get("/api/models/{name:path}", sync_to_thread=True, summary="One model: metadata and memory needs", **STORE)
@@ -137,7 +148,7 @@ def show_model(request: Request, name: str, ctx: int | None = None) -> dict:
     s = summarize_hf_folder(path) if path.is_dir() else summarize_gguf(path)
     ctx = ctx or s.context
     weights, kv, avail = s.cpu_weight_bytes(), s.kv_bytes(ctx), available_memory()
-    row = manifest_row(m, is_default(m), _served_path(request), path)
+    row = manifest_row(m, is_default(m), _is_served(request, m, path))
     row.update({k: getattr(s, k) for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                                             "vocab_size", "sliding_window", "tensor_types", "weight_bytes")})
     row.update(has_chat_template=s.chat_template is not None, ctx=ctx, weights_memory_bytes=weights, kv_bytes=kv,
@@ -157,7 +168,7 @@ def delete_model(request: Request, name: str) -> dict:
         raise HTTPException(status_code=400,
                             detail=f"{m.ref} is the embedded default model; it ships with localserve and stays")
     path = _path_or_none(store, m)
-    if path is not None and str(path) == _served_path(request):
+    if _is_served(request, m, path):
         raise HTTPException(status_code=409, detail=f"{m.ref} is the model this server serves; stop the server first")
     m, freed = store.remove(m.ref)
     return {"deleted": m.ref, "freed": freed}

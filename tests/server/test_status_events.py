@@ -228,3 +228,13 @@ def test_event_bus_fans_out_across_threads_and_drops_oldest():
     assert got == [3, 4, 9] and dropped == 3
     assert jobs == ["job"] and left == 0
     assert recent == ["job", "job"]  # stats are not kept in the recent history
+
+
+@pytest.mark.slow
+def test_the_served_default_is_marked_in_the_store(server):
+    """The embedded default is served from the runtime's file; the store holds it as a hard link."""
+    models = {m["name"]: m for m in httpx.get(server.url + "/api/models", timeout=120).json()["models"]}
+    assert models["gemma3:270m"]["served"] and models["gemma3:270m"]["default"]
+    assert not any(m["served"] for name, m in models.items() if name != "gemma3:270m")
+    s = httpx.get(server.url + "/api/status").json()["models"][0]
+    assert s["architecture"] == "gemma3" and s["memory"]["weights_file_bytes"] == models["gemma3:270m"]["size"]
