@@ -197,6 +197,9 @@ class Bench:
 
         timed(eng.scheduler, "schedule", "schedule")
         timed(eng.backend, "execute", "execute")
+        if callable(getattr(eng.backend, "execute_async", None)):  # overlap: the submit
+            parts["execute_async"] = 0.0
+            timed(eng.backend, "execute_async", "execute_async")
         graphs = getattr(eng.backend, "graphs", None)
         if graphs is not None:  # inside execute: padded inputs + FlashInfer's plan
             parts["graph_prepare"] = 0.0

@@ -6,6 +6,8 @@ torch SDPA over gathered pages. In bf16/fp16 the elementwise work of a layer run
 Triton kernels (fused_model.py; dropped with a logged reason if they fail in the warm-up;
 LOCALSERVE_FUSED=0/1 overrides). Decode steps replay CUDA graphs over padded batch-size buckets.
 Sampling runs on the device (torch_common.sampling): only the sampled ids reach the host.
+Every per-step host-to-device input goes through pinned, double-buffered staging (staging.py;
+LOCALSERVE_PINNED=0 turns it off for A/B runs), so preparing step N+1 never waits for step N.
 `step_events`, when a list, collects (start, end) CUDA events of each step's device work
 (scripts/gpu_bench.py's idle share).
 
@@ -35,6 +37,7 @@ from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, default_buckets
 from .inputs import DeviceRope, DeviceTorchAttention, step_inputs
 from .overlap import SubmittedStep, sample_on_device
+from .staging import HostStaging
 from .weights import build_device_weights
 
 log = logging.getLogger("localserve.backends.cuda")
@@ -73,6 +76,7 @@ class CUDABackend:
         # after its host-staged inputs were copied
         self._last_ids: torch.Tensor | None = None
         self._staged = None
+        self.staging: HostStaging | None = None  # set at load, on the chosen device
 
     # -- discovery --------------------------------------------------------------------
     @classmethod
@@ -93,6 +97,7 @@ class CUDABackend:
             torch.cuda.set_device(self.device)
             # fp32 conformance must be true fp32 (no TF32 in matmuls)
             torch.backends.cuda.matmul.allow_tf32 = False
+        self.staging = HostStaging(self.device)
         dtype = self._dtype(cfg)
         self.kv_dtype = _DTYPES.get(cfg.kv_dtype, dtype)
         self.weights = model
@@ -146,6 +151,8 @@ class CUDABackend:
         for kind in candidates:
             try:
                 self.model.attention = self._make_attention(kind)
+                if hasattr(self.model.attention, "staging"):
+                    self.model.attention.staging = self.staging
                 self.attention_name = kind
                 self._choose_fused()
                 return
@@ -287,7 +294,7 @@ class CUDABackend:
             self.graphs = capture_or_none(
                 self.model, self.model.attention, self.rope, self.kv,
                 default_buckets(self.cfg.max_num_seqs), block_size, max_blocks, num_blocks,
-                self.device)
+                self.device, staging=self.staging)
             if self.graphs is None:
                 self.fallbacks.append("cuda graphs: capture failed (see the log)")
 
@@ -334,20 +341,26 @@ class CUDABackend:
         return SubmittedStep(ids, out, self.step_events if events else None, start)
 
     def _logits(self, plan: Plan, events: bool, placeholders: bool = False):
-        """(logits [S, vocab] of the plan's sampled rows, the start event or None)."""
+        """(logits [S, vocab] of the plan's sampled rows, the start event or None).
+        Every host-to-device copy of the step is queued between staging.begin and end."""
         fill = placeholders and plan.has_placeholders
+        st = self.staging
+        st.begin()
         if (self.graphs is not None and plan.is_decode_only
                 and plan.num_seqs <= self.graphs.max_batch):
             self.graphs.prepare(plan)  # host work: fills the inputs, plans the attention
             if fill:
                 self._fill_placeholders(self.graphs.input_ids, plan)
+            rows = None
+            if len(plan.sample_idx) != plan.num_seqs:
+                rows = st.to_device(plan.sample_idx, torch.long)
             self._mark_staged(placeholders)
             start = self._event(events)
             logits = self.graphs.replay(plan)
-            if len(plan.sample_idx) != plan.num_seqs:
-                logits = logits[torch.from_numpy(plan.sample_idx.astype(np.int64)).to(self.device)]
+            if rows is not None:
+                logits = logits[rows]
         else:
-            step = step_inputs(plan, self.model, self.rope, self.device)
+            step = step_inputs(plan, self.model, self.rope, self.device, st)
             if fill:
                 self._fill_placeholders(step.input_ids, plan)
             self._mark_staged(placeholders)
@@ -358,16 +371,15 @@ class CUDABackend:
     def _fill_placeholders(self, input_ids: torch.Tensor, plan: Plan) -> None:
         """input_ids[placeholder_rows] = the previous step's sampled ids[placeholder_src], on
         the device, ordered after that step's sampling by the stream."""
-        rows = torch.from_numpy(plan.placeholder_rows).to(self.device, non_blocking=True)
-        src = torch.from_numpy(plan.placeholder_src).to(self.device, non_blocking=True)
+        rows = self.staging.to_device(plan.placeholder_rows, torch.long)
+        src = self.staging.to_device(plan.placeholder_src, torch.long)
         input_ids.index_copy_(0, rows, self._last_ids.index_select(0, src))
 
     def _mark_staged(self, overlapped: bool) -> None:
-        if overlapped and self.device.type == "cuda":
-            self._staged = torch.cuda.Event()
-            self._staged.record()
-        else:
-            self._staged = None
+        """Ends the staging bracket; under overlap keeps its event: FlashInfer's own pinned
+        plan buffer (one per wrapper) is rewritten by the next plan, which waits for it."""
+        ev = self.staging.end()
+        self._staged = ev if overlapped else None
 
     def _event(self, record: bool):
         if not record:

@@ -10,6 +10,13 @@ window_left = W - 1 (a query at i sees keys i - W < j <= i).
 CUDA graphs: `graph_metadata(bs)` builds decode wrappers in FlashInfer's graph mode over fixed
 buffers; `fill_graph_metadata` re-plans them before each replay (host work plus small copies
 into those buffers), the pattern SGLang uses.
+
+Staging (`staging`, set by the backend; staging.py): the plan arrays go to FlashInfer as pinned
+host tensors, which its `plan` copies with non_blocking=True. The page indices are the exception:
+in graph mode FlashInfer copies host indices with non_blocking=False (decode.py: "non_blocking=
+(indices.device == self.device) and non_blocking"), a full stream sync that under overlap
+scheduling stalls the host until the previous step ends. So we copy them into the graph's
+device buffer ourselves and hand FlashInfer that device view (its copy onto itself is a no-op).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ class FlashInferMetadata:
     slot_mapping: torch.Tensor  # long [T]
     wrappers: dict  # sliding (bool) → a planned wrapper
     block_size: int
+    indices: torch.Tensor | None = None  # graph mode: the wrappers' shared page-index buffer
 
 
 def paged_kv_arrays(seq_lens: np.ndarray, block_tables: np.ndarray, block_size: int):
@@ -47,6 +55,7 @@ def paged_kv_arrays(seq_lens: np.ndarray, block_tables: np.ndarray, block_size: 
 
 class FlashInferPagedAttention:
     name = "flashinfer"
+    stages_inputs = True  # fill_graph_metadata takes the step's HostStaging
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None, dtype: torch.dtype, kv_dtype: torch.dtype,
@@ -63,6 +72,7 @@ class FlashInferPagedAttention:
         self.kv_dtype = kv_dtype
         self.device = device
         self.backend = backend
+        self.staging = None  # HostStaging for prepare(); None: pageable tensors
         # decode through the tensor-core (prefill) kernels once a KV head serves >= 4 query
         # heads, as SGLang does; it also shares their JIT module, one compile fewer
         flag = os.environ.get("LOCALSERVE_FI_TENSOR_CORES", "auto")  # "0" / "1": for A/B runs
@@ -78,8 +88,14 @@ class FlashInferPagedAttention:
         return self.window - 1 if sliding else -1
 
     # -- once per step ---------------------------------------------------------------
+    def _host(self, a: np.ndarray, staging) -> torch.Tensor:
+        if staging is None:
+            return torch.from_numpy(np.ascontiguousarray(a))
+        return staging.host(a)
+
     def prepare(self, plan: Plan) -> FlashInferMetadata:
-        indptr, indices, last = (torch.from_numpy(a) for a in
+        st = self.staging
+        indptr, indices, last = (self._host(a, st) for a in
                                  paged_kv_arrays(plan.seq_lens, plan.block_tables, plan.block_size))
         wrappers = {}
         if plan.is_decode_only:
@@ -87,14 +103,17 @@ class FlashInferPagedAttention:
                 self._plan_decode(w, indptr, indices, last, plan.block_size, sliding)
                 wrappers[sliding] = w
         else:
-            qo = torch.from_numpy(plan.query_start_loc.astype(np.int32))
+            qo = self._host(plan.query_start_loc.astype(np.int32, copy=False), st)
             for sliding, w in self.prefill.items():
                 w.plan(qo, indptr, indices, last, self.num_heads, self.num_kv_heads,
                        self.head_dim, plan.block_size, causal=True, sm_scale=self.scale,
                        window_left=self._window_left(sliding), q_data_type=self.dtype,
                        kv_data_type=self.kv_dtype)
                 wrappers[sliding] = w
-        slots = torch.from_numpy(plan.slot_mapping.astype(np.int64)).to(self.device, non_blocking=True)
+        if st is None:
+            slots = torch.from_numpy(plan.slot_mapping.astype(np.int64)).to(self.device, non_blocking=True)
+        else:
+            slots = st.to_device(plan.slot_mapping, torch.long)
         return FlashInferMetadata(slot_mapping=slots, wrappers=wrappers, block_size=plan.block_size)
 
     def _plan_decode(self, w, indptr, indices, last, block_size: int, sliding: bool) -> None:
@@ -115,12 +134,19 @@ class FlashInferPagedAttention:
                 paged_kv_indices_buffer=indices,
                 paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev),
             )
-        return FlashInferMetadata(slot_mapping=slot_mapping, wrappers=wrappers, block_size=block_size)
+        return FlashInferMetadata(slot_mapping=slot_mapping, wrappers=wrappers,
+                                  block_size=block_size, indices=indices)
 
     def fill_graph_metadata(self, meta: FlashInferMetadata, seq_lens: np.ndarray,
-                            block_tables: np.ndarray) -> None:
-        indptr, indices, last = (torch.from_numpy(a) for a in
-                                 paged_kv_arrays(seq_lens, block_tables, meta.block_size))
+                            block_tables: np.ndarray, staging=None) -> None:
+        indptr, indices, last = paged_kv_arrays(seq_lens, block_tables, meta.block_size)
+        if staging is not None and staging.pinned and meta.indices is not None:
+            dev = meta.indices[: len(indices)]
+            dev.copy_(staging.host(indices), non_blocking=True)
+            indptr, indices, last = staging.host(indptr), dev, staging.host(last)
+        else:
+            st = staging if staging is not None and staging.enabled else None
+            indptr, indices, last = (self._host(a, st) for a in (indptr, indices, last))
         for sliding, w in meta.wrappers.items():
             self._plan_decode(w, indptr, indices, last, meta.block_size, sliding)
 

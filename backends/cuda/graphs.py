@@ -16,6 +16,7 @@ import torch
 from localserve.backends.torch_common.model import DecoderModel
 
 from .inputs import DeviceRope, PaddedDecode, make_step
+from .staging import HostStaging
 
 log = logging.getLogger("localserve.backends.cuda")
 
@@ -31,7 +32,7 @@ class DecodeGraphs:
     def __init__(self, model: DecoderModel, attention, rope: DeviceRope,
                  kv: list[tuple[torch.Tensor, torch.Tensor]], buckets: tuple[int, ...],
                  block_size: int, max_blocks: int, scratch_block: int,
-                 device: torch.device) -> None:
+                 device: torch.device, staging: HostStaging | None = None) -> None:
         self.model = model
         self.attention = attention
         self.rope = rope
@@ -41,10 +42,11 @@ class DecodeGraphs:
         self.max_blocks = max_blocks
         self.scratch_block = scratch_block
         self.device = device
+        self.staging = staging
         top = self.buckets[-1]
-        self.input_ids = torch.zeros(top, dtype=torch.long, device=device)
-        self.positions = torch.zeros(top, dtype=torch.long, device=device)
-        self.slot_mapping = torch.zeros(top, dtype=torch.long, device=device)
+        # rows: token ids, positions, slots; the graphs read fixed views of it
+        self.inputs = torch.zeros((3, top), dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.inputs.unbind(0)
         self.rows = torch.arange(top, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
         self.pool = None
@@ -63,7 +65,7 @@ class DecodeGraphs:
 
     def _capture(self, bs: int, max_blocks: int) -> None:
         meta = self.attention.graph_metadata(bs, max_blocks, self.block_size, self.slot_mapping[:bs])
-        self._fill(meta, PaddedDecode.dummy(bs, self.block_size, self.scratch_block))
+        self._fill(meta, PaddedDecode.dummy(bs, self.block_size, self.scratch_block), None)
         # warm up on a side stream (lazy inits, autotuning) before capturing
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -78,12 +80,25 @@ class DecodeGraphs:
             self.pool = graph.pool()
         self.graphs[bs] = (graph, meta, logits)
 
-    def _fill(self, meta, batch: PaddedDecode) -> None:
+    def _fill(self, meta, batch: PaddedDecode, staging: HostStaging | None) -> None:
         n = batch.batch_size
-        self.input_ids[:n].copy_(torch.from_numpy(batch.input_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.from_numpy(batch.positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.from_numpy(batch.slot_mapping), non_blocking=True)
-        self.attention.fill_graph_metadata(meta, batch.seq_lens, batch.block_tables)
+        if staging is not None and staging.enabled:
+            # the whole [3, top] block in one copy: rows past n are stale, and the graph of
+            # bucket n reads none of them
+            host, view = staging.empty(self.inputs.shape, torch.long)
+            view[0, :n] = batch.input_ids
+            view[1, :n] = batch.positions
+            view[2, :n] = batch.slot_mapping
+            self.inputs.copy_(host, non_blocking=True)
+        else:
+            self.input_ids[:n].copy_(torch.from_numpy(batch.input_ids), non_blocking=True)
+            self.positions[:n].copy_(torch.from_numpy(batch.positions), non_blocking=True)
+            self.slot_mapping[:n].copy_(torch.from_numpy(batch.slot_mapping), non_blocking=True)
+        fill = self.attention.fill_graph_metadata
+        if getattr(self.attention, "stages_inputs", False):
+            fill(meta, batch.seq_lens, batch.block_tables, staging)
+        else:  # Triton: its own (pageable) copies
+            fill(meta, batch.seq_lens, batch.block_tables)
 
     def bucket_for(self, num_seqs: int) -> int | None:
         for bs in self.buckets:
@@ -95,7 +110,8 @@ class DecodeGraphs:
         """Host half of a decode step: the padded inputs into the static buffers of the
         plan's bucket and its attention metadata (re-planned into fixed buffers)."""
         bs = self.bucket_for(plan.num_seqs)
-        self._fill(self.graphs[bs][1], PaddedDecode.from_plan(plan, bs, self.scratch_block))
+        self._fill(self.graphs[bs][1], PaddedDecode.from_plan(plan, bs, self.scratch_block),
+                   self.staging)
 
     def replay(self, plan) -> torch.Tensor:
         """Logits [B, vocab] of a decode-only plan whose inputs `prepare` filled."""

@@ -48,11 +48,18 @@ def sampled_rows(plan: Plan) -> np.ndarray:
     return plan.query_start_loc[plan.sample_idx.astype(np.int64) + 1].astype(np.int64) - 1
 
 
-def step_inputs(plan: Plan, model: DecoderModel, rope: DeviceRope, device: torch.device):
-    """The model's per-step inputs on the device (attention planned once for the step)."""
-    return make_step(model, rope, to_device(plan.input_ids, np.int64, device),
-                     to_device(plan.positions, np.int64, device), model.attention.prepare(plan),
-                     to_device(sampled_rows(plan), np.int64, device))
+def step_inputs(plan: Plan, model: DecoderModel, rope: DeviceRope, device: torch.device,
+                staging=None):
+    """The model's per-step inputs on the device (attention planned once for the step);
+    through `staging` (a HostStaging) when given, else from pageable numpy."""
+    if staging is None:
+        def put(a):
+            return to_device(a, np.int64, device)
+    else:
+        def put(a):
+            return staging.to_device(a, torch.long)
+    return make_step(model, rope, put(plan.input_ids), put(plan.positions),
+                     model.attention.prepare(plan), put(sampled_rows(plan)))
 
 
 def make_step(model: DecoderModel, rope: DeviceRope, input_ids: torch.Tensor,
