@@ -19,7 +19,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def srv(localserve_home, tmp_path_factory):
-    s = start_server([*TINY_UP_ARGS, "--api-key", KEY], tmp_path_factory.mktemp("monitor") / "up.log")
+    # a data dir of its own: its pull jobs must not leave blobs or partial files in the store
+    # other tests look at
+    s = start_server([*TINY_UP_ARGS, "--api-key", KEY], tmp_path_factory.mktemp("monitor") / "up.log",
+                     env={"LOCALSERVE_HOME": str(tmp_path_factory.mktemp("monitor_home"))})
     yield s
     s.stop()
 

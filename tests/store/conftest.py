@@ -9,6 +9,16 @@ import pytest
 from tests.store.hub import LocalHub
 
 
+@pytest.fixture(autouse=True)
+def own_store(tmp_path, monkeypatch, localserve_home):
+    """Each store test gets an empty data dir of its own: what other tests (servers' pull jobs,
+    the TUI) leave in the session's store must not show up here, nor the other way round. The
+    embedded default, when a test needs it, is registered from the session's assembled file."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("LOCALSERVE_HOME", str(home))
+    return home
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> Path:
     """A loadable 2-layer mistral GGUF (random weights, Q8_0 projections), ~0.3 MB."""

@@ -85,8 +85,10 @@ def test_default_is_registered_without_a_copy(default_store, default_gguf):
     assert resolve_model_ref("gemma3") == str(default_store.model_path(m))
 
 
-def test_resolve_model_ref_keeps_paths_random_and_default(default_gguf, tmp_path):
+def test_resolve_model_ref_keeps_paths_random_and_default(default_gguf, tmp_path, monkeypatch, localserve_home):
     from localserve.runtime.default_model import resolve_model_ref
+
+    monkeypatch.setenv("LOCALSERVE_HOME", str(localserve_home))  # where the session assembled it
 
     assert resolve_model_ref(None) == str(default_gguf)
     assert resolve_model_ref("default") == str(default_gguf)
