@@ -5,21 +5,27 @@ token at position j of a sequence lives in slot block_table[j // block_size] * b
 + j % block_size. New K/V are written at `Plan.slot_mapping` before attention reads them.
 
 `PagedAttention` is the seam: cuda (FlashInfer) and rocm (Triton) provide their own
-`prepare` / `forward`; `TorchPagedAttention` is the portable SDPA implementation the CPU
-backend uses. Sliding-window semantics: a query at position i sees keys j with
-i - W < j <= i (W tokens, itself included).
+`prepare` / `forward`; `TorchPagedAttention` is the portable implementation the CPU backend
+uses. On the CPU it runs the compiled kernel of localserve.backends.cpu.kernels
+(paged_attention.cpp) where that builds: it reads K/V through the block tables (no gather)
+and gives each query row the same bits whatever else is in the step (batched == alone);
+elsewhere, and where the kernel does not build, SDPA over gathered pages. Sliding-window
+semantics: a query at position i sees keys j with i - W < j <= i (W tokens, itself included).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from localserve.engine.plan import Plan
+
+if TYPE_CHECKING:
+    from localserve.backends.cpu.kernels import PagedBatch
 
 
 @dataclass(slots=True)
@@ -52,6 +58,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # long [T]
     decode: DecodeGroup | None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # set when the compiled CPU kernel runs this step (then decode / prefills stay empty)
+    paged: PagedBatch | None = None
 
 
 class PagedAttention(Protocol):
@@ -69,21 +77,46 @@ def _slots(block_tables: np.ndarray, positions: np.ndarray, block_size: int) -> 
     return blk.astype(np.int64) * block_size + pos % block_size
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_kernels():
+    """localserve.backends.cpu.kernels where its attention kernel builds, else None."""
+    from localserve.backends.cpu import kernels
+
+    return kernels if kernels.attention_available() else None
+
+
 class TorchPagedAttention:
-    """SDPA over gathered pages: decode rows batched, prefill chunks one at a time."""
+    """The compiled CPU kernel over the pages in place, or SDPA over gathered pages (decode
+    rows batched, prefill chunks one at a time).
+
+    kernel: None picks the kernel where it builds, unless a subclass overrides `prepare`
+    (cuda's DeviceTorchAttention moves the SDPA views to its device: it keeps getting them);
+    False always SDPA (the reference the kernel is tested against); True requires it.
+    """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None) -> None:
+                 sliding_window: int | None, kernel: bool | None = None) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
         self.window = sliding_window
+        self.kernel = kernel
+
+    def uses_kernel(self) -> bool:
+        """Whether steps run the compiled CPU kernel (decided on first use)."""
+        if self.kernel is None:
+            own_prepare = type(self).prepare is TorchPagedAttention.prepare
+            self.kernel = own_prepare and _cpu_kernels() is not None
+        elif self.kernel and _cpu_kernels() is None:
+            raise RuntimeError("the CPU attention kernel did not build")
+        return self.kernel
 
     # -- once per step ---------------------------------------------------------------
     def prepare(self, plan: Plan) -> AttentionMetadata:
         qsl = plan.query_start_loc.astype(np.int64)
-        qlens = np.diff(qsl)
         seq_lens = plan.seq_lens.astype(np.int64)
         tables = plan.block_tables
         bs = plan.block_size
@@ -92,6 +125,18 @@ class TorchPagedAttention:
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(plan.slot_mapping.astype(np.int64)), decode=None
         )
+        if self.uses_kernel():
+            from localserve.backends.cpu.kernels import PagedBatch
+
+            meta.paged = PagedBatch.build(qsl, seq_lens, tables, bs)
+        else:
+            self._add_views(meta, qsl, seq_lens, tables, bs)
+        return meta
+
+    def _add_views(self, meta: AttentionMetadata, qsl: np.ndarray, seq_lens: np.ndarray,
+                   tables: np.ndarray, bs: int) -> None:
+        """The SDPA path's gathers and masks."""
+        qlens = np.diff(qsl)
         dec = np.nonzero(qlens == 1)[0]
         if dec.size:
             meta.decode = self._decode_group(qsl[dec], seq_lens[dec], tables[dec], bs)
@@ -99,7 +144,6 @@ class TorchPagedAttention:
             meta.prefills.append(
                 self._prefill_chunk(int(qsl[b]), int(qsl[b + 1]), int(seq_lens[b]), tables[b], bs)
             )
-        return meta
 
     def _decode_group(self, rows: np.ndarray, seq_lens: np.ndarray, tables: np.ndarray,
                       bs: int) -> DecodeGroup:
@@ -146,6 +190,18 @@ class TorchPagedAttention:
         """q [T, H, D], k/v [T, Hkv, D] → attention output [T, H * D]."""
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        if meta.paged is not None:
+            if q.device.type == "cpu" and q.dtype in _KERNEL_DTYPES and k_cache.dtype in _KERNEL_DTYPES:
+                from localserve.backends.cpu.kernels import paged_attention
+
+                window = self.window if sliding else None
+                o = paged_attention(q, k_cache, v_cache, meta.paged, self.scale, window)
+                return o.to(q.dtype)
+            if meta.decode is None and not meta.prefills:  # e.g. a float64 reference run
+                p = meta.paged
+                self._add_views(meta, p.query_start_loc.numpy().astype(np.int64),
+                                p.seq_lens.numpy().astype(np.int64), p.block_tables.numpy(),
+                                p.block_size)
         t = q.shape[0]
         hkv, d = self.num_kv_heads, self.head_dim
         group = self.num_heads // hkv
