@@ -96,17 +96,19 @@ def test_json_object_regex_and_choice(model):
 
 
 def test_constrained_rows_leave_unconstrained_rows_alone(model):
-    """Free rows batched with constrained ones (whose jump-forward reshapes the batch) come out
-    token for token as they do alone: a mask never leaks into a row that has none."""
+    """Free rows (one greedy, one sampled at temperature 0.9) batched with constrained ones, whose
+    jump-forward reshapes the batch, come out token for token as they do alone: a mask never
+    leaks into a row that has none, and a row's logits do not depend on its batch."""
     eng, tok = model.engine, model.tokenizer
-    free = SamplingParams(max_tokens=24, temperature=0.0)
+    free = [SamplingParams(max_tokens=24, temperature=0.0),
+            SamplingParams(max_tokens=24, temperature=0.9, seed=42)]
     free_prompts = [chat(tok, "Name three fruits."), chat(tok, "Write a haiku about rain.")]
-    alone = [eng.generate([p], free)[0][0].output_token_ids for p in free_prompts]
+    alone = [eng.generate([p], sp)[0][0].output_token_ids for p, sp in zip(free_prompts, free)]
     names = ["tool_call_like", "array_of_ints", "enum_color"]
     params = [SamplingParams(max_tokens=160, temperature=0.0, guided=GuidedDecoding(json_schema=SCHEMAS[n])) for n in names]
     prompts = [schema_prompt(tok, names[0]), free_prompts[0], schema_prompt(tok, names[1]),
                free_prompts[1], schema_prompt(tok, names[2])]
-    reqs = [s[0] for s in eng.generate(prompts, [params[0], free, params[1], free, params[2]])]
+    reqs = [s[0] for s in eng.generate(prompts, [params[0], free[0], params[1], free[1], params[2]])]
     assert [reqs[1].output_token_ids, reqs[3].output_token_ids] == alone
     check_schemas(tok, names, [reqs[0], reqs[2], reqs[4]])
     eng.check_integrity()
