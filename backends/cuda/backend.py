@@ -33,6 +33,7 @@ from localserve.errors import ModelLoadError
 from localserve.models.weights import LoadedWeights
 
 from . import device as gpu
+from .batch_shape import MAX_GRAPH_BATCH, BatchShape, recommend_batch_shape
 from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, default_buckets
 from .inputs import DeviceRope, DeviceTorchAttention, step_inputs
@@ -291,10 +292,10 @@ class CUDABackend:
                 free, total, "use fewer blocks or a lower memory_utilization")) from exc
         if self._use_graphs():
             max_blocks = -(-self.model.cfg.max_context // block_size)
+            buckets = default_buckets(min(self.cfg.max_num_seqs, MAX_GRAPH_BATCH))
             self.graphs = capture_or_none(
-                self.model, self.model.attention, self.rope, self.kv,
-                default_buckets(self.cfg.max_num_seqs), block_size, max_blocks, num_blocks,
-                self.device, staging=self.staging)
+                self.model, self.model.attention, self.rope, self.kv, buckets, block_size,
+                max_blocks, num_blocks, self.device, staging=self.staging)
             if self.graphs is None:
                 self.fallbacks.append("cuda graphs: capture failed (see the log)")
 
@@ -302,6 +303,13 @@ class CUDABackend:
         if self.device.type != "cuda" or self.cfg.compile == "off":
             return False
         return self.attention_name in ("flashinfer", "triton")
+
+    def recommended_batch_shape(self) -> BatchShape:
+        """max_num_seqs / max_num_batched_tokens to use where the user set none (batch_shape.py);
+        capped by the KV pool once init_kv has sized it. Apply it to BackendConfig before load
+        (the decode graphs are captured up to its max_num_seqs) and to EngineConfig."""
+        kv_tokens = self.num_blocks * self.block_size if self.num_blocks else None
+        return recommend_batch_shape(kv_tokens)
 
     def shape_buckets(self) -> Buckets:
         return Buckets(self.graphs.buckets if self.graphs is not None else ())

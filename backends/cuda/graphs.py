@@ -22,7 +22,8 @@ log = logging.getLogger("localserve.backends.cuda")
 
 
 def default_buckets(max_num_seqs: int) -> tuple[int, ...]:
-    """1, 2, 4, 8, then every 16 up to 256 and every 64 past it, up to max_num_seqs."""
+    """1, 2, 4, 8, then every 16 up to 256 and every 64 past it, up to max_num_seqs; the
+    backend passes min(max_num_seqs, batch_shape.MAX_GRAPH_BATCH)."""
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(320, 4097, 64))
     out = [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
     return tuple(sorted(set(out)))
@@ -125,10 +126,23 @@ class DecodeGraphs:
         return self.replay(plan)
 
 
-def capture_or_none(*args, **kwargs) -> DecodeGraphs | None:
-    """DecodeGraphs, or None with a logged reason when capture fails (decode then runs eager)."""
+# the retry after a failed capture: the buckets measured to capture (batch_shape.MAX_GRAPH_BATCH)
+SAFE_MAX_BATCH = 512
+
+
+def capture_or_none(model, attention, rope, kv, buckets, *args, **kwargs) -> DecodeGraphs | None:
+    """DecodeGraphs, or None with a logged reason when capture fails (decode then runs eager).
+    A failure with buckets past SAFE_MAX_BATCH (workspace or memory at the largest batches) is
+    retried once with the buckets up to it; larger decode steps then run eager."""
     try:
-        return DecodeGraphs(*args, **kwargs)
+        return DecodeGraphs(model, attention, rope, kv, buckets, *args, **kwargs)
     except Exception as exc:  # capture failures come from many layers (torch, FlashInfer, Triton)
+        small = tuple(b for b in buckets if b <= SAFE_MAX_BATCH)
+        if len(small) < len(tuple(buckets)) and small:
+            log.warning("CUDA graph capture up to %d failed (%r); retrying up to %d",
+                        max(buckets), exc, SAFE_MAX_BATCH)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return capture_or_none(model, attention, rope, kv, small, *args, **kwargs)
         log.warning("CUDA graph capture failed, decode runs without graphs: %r", exc)
         return None
