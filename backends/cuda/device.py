@@ -63,9 +63,10 @@ _logged: set[str] = set()
 
 
 def _log_once(msg: str) -> None:
+    # info, not a warning: `auto` probes every backend, and a CPU machine without a GPU is normal
     if msg not in _logged:
         _logged.add(msg)
-        log.warning(msg)
+        log.info(msg)
 
 
 def memory_report(device) -> tuple[int, int]:
