@@ -118,23 +118,26 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def _run_serving(args: argparse.Namespace) -> int:
-    import json
-
     from localserve.bench.serving import run_serving_overhead
 
     backend = "cpu" if args.backend == "auto" else args.backend
     result = run_serving_overhead(args.model, backend, args.threads, tokens=args.decode_tokens,
                                   repeats=args.repeats, warmup=args.warmup,
                                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    return _report(result, args.json)
+
+
+def _report(result, json_path: str | None) -> int:
+    """Prints a bench mode's table and writes its raw figures to --json."""
+    import json
+
     print(result.table())
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
 
 
 def _run_grammar(args: argparse.Namespace) -> int:
-    import json
-
     from localserve.bench.config import BenchConfig
     from localserve.bench.grammar import run_grammar_bench
 
@@ -142,10 +145,7 @@ def _run_grammar(args: argparse.Namespace) -> int:
     result = run_grammar_bench(args.model, args.threads, concurrency, max_tokens=args.decode_tokens,
                                repeats=args.repeats, warmup=args.warmup,
                                log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(result.table())
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    return 0
+    return _report(result, args.json)
 
 
 # one registration function per subcommand; `up`, `pull`, ... add theirs here

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 
-import msgspec
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
 from localserve.errors import EngineOverloadedError, LocalServeError
 from localserve.server.anthropic_protocol import ErrorDetail, ErrorResponse
+from localserve.server.errors import malformed_json
 
 log = logging.getLogger("localserve.server")
 
@@ -68,18 +68,9 @@ def on_validation_error(_: Request, exc: ValidationException) -> Response:
     return _respond(400, "invalid request body: " + ("; ".join(details) if details else str(exc.detail)))
 
 
-def _malformed_json(exc: BaseException) -> str | None:
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None:
-        if isinstance(cause, msgspec.DecodeError) and not isinstance(cause, msgspec.ValidationError):
-            return f"the request body is not valid JSON: {cause}"
-        cause = cause.__cause__ or cause.__context__
-    return None
-
-
 def on_http_error(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
-    if status == 400 and (malformed := _malformed_json(exc)):
+    if status == 400 and (malformed := malformed_json(exc)):
         return _respond(400, malformed)
     message = {413: "the request body is too large"}.get(status) or str(exc.detail)
     return _respond(status, message, dict(exc.headers or {}) or None)

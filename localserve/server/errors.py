@@ -59,7 +59,8 @@ def on_validation_error(_: Request, exc: ValidationException) -> Response:
     return _respond(400, error_response_body(400, message, "invalid_request_error"))
 
 
-def _malformed_json(exc: BaseException) -> str | None:
+def malformed_json(exc: BaseException) -> str | None:
+    """The message for a body that is not JSON at all (vs valid JSON of the wrong shape), else None."""
     cause = exc.__cause__ or exc.__context__
     while cause is not None:
         if isinstance(cause, msgspec.DecodeError) and not isinstance(cause, msgspec.ValidationError):
@@ -70,7 +71,7 @@ def _malformed_json(exc: BaseException) -> str | None:
 
 def on_http_error(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
-    if status == 400 and (malformed := _malformed_json(exc)):
+    if status == 400 and (malformed := malformed_json(exc)):
         return _respond(400, error_response_body(400, malformed, "invalid_json"))
     messages = {404: "no such route", 405: "method not allowed", 413: "the request body is too large"}
     message = exc.detail if exc.detail and exc.detail not in ("Not Found", "Method Not Allowed") else messages.get(status, exc.detail)
