@@ -3,12 +3,16 @@ stream brought something new; the job-progress panel of the Pull and Quantize sc
 
 from __future__ import annotations
 
+from typing import Awaitable
+
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, ProgressBar, Static
+from textual.widgets import Button, Footer, Header, ProgressBar, RichLog, Static
 
 from localserve.store.progress import format_bytes, format_seconds
+from localserve.tui.client import NoServerError, ServerError
 
 POLL_SECONDS = 0.25
 
@@ -130,6 +134,22 @@ class JobScreen(ServerScreen):
         self.app.data.jobs[job["id"]] = job
         self.panel.show(job)
         self.query_one("#cancel").disabled = False
+
+    async def start_job(self, request: Awaitable[dict], started: str) -> None:
+        """Submits a job (`request`: the client call), tracks it and logs `started (id)`; a
+        server that refuses it or is gone is said in the log."""
+        log = self.query_one(RichLog)
+        try:
+            job = await request
+        except (NoServerError, ServerError) as exc:
+            log.write(f"[red]{exc}[/red]")
+            return
+        self.track(job)
+        log.write(f"{started} ({job['id']})")
+
+    @on(Button.Pressed, "#cancel")
+    async def cancel_pressed(self) -> None:
+        await self.action_cancel()
 
     async def action_cancel(self) -> None:
         job = self.panel.job

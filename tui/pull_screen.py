@@ -8,7 +8,6 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Input, Label, RichLog
 
-from localserve.tui.client import NoServerError, ServerError
 from localserve.tui.common import JobPanel, JobScreen, format_bytes
 
 HINT = "org/name  ·  org/name:Q4_K_M  ·  org/name:file.gguf  ·  https://host/model.gguf  ·  /path/model.gguf"
@@ -45,17 +44,8 @@ class PullScreen(JobScreen):
         if not ref:
             self.notify("enter a model reference first", severity="warning")
             return
-        try:
-            job = await self.app.client.pull(ref, self.query_one("#pull-name", Input).value.strip() or None)
-        except (NoServerError, ServerError) as exc:
-            self.query_one(RichLog).write(f"[red]{exc}[/red]")
-            return
-        self.track(job)
-        self.query_one(RichLog).write(f"pulling {ref} ({job['id']})")
-
-    @on(Button.Pressed, "#cancel")
-    async def cancel_pressed(self) -> None:
-        await self.action_cancel()
+        name = self.query_one("#pull-name", Input).value.strip() or None
+        await self.start_job(self.app.client.pull(ref, name), f"pulling {ref}")
 
     def job_ended(self, job: dict) -> None:
         log = self.query_one(RichLog)

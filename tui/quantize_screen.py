@@ -107,17 +107,8 @@ class QuantizeScreen(JobScreen):
             self.notify("choose a source and a target type first", severity="warning")
             return
         name = self.query_one("#quantize-name", Input).value.strip() or None
-        try:
-            job = await self.app.client.quantize(self.source, self.target, name)
-        except (NoServerError, ServerError) as exc:
-            self.query_one(RichLog).write(f"[red]{exc}[/red]")
-            return
-        self.track(job)
-        self.query_one(RichLog).write(f"quantizing {self.source} to {self.target} ({job['id']})")
-
-    @on(Button.Pressed, "#cancel")
-    async def cancel_pressed(self) -> None:
-        await self.action_cancel()
+        await self.start_job(self.app.client.quantize(self.source, self.target, name),
+                             f"quantizing {self.source} to {self.target}")
 
     def job_ended(self, job: dict) -> None:
         log = self.query_one(RichLog)
