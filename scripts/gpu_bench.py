@@ -122,6 +122,10 @@ class Bench:
         eng = LLMEngine(be, cfg, None, EngineConfig(
             block_size=16, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_tokens, enable_prefix_cache=prefix_cache))
+        if os.environ.get("LOCALSERVE_GC") != "default":  # as `localserve up` after load
+            from localserve.runtime.gc_tuning import tune_gc
+
+            self.results.setdefault("gc", tune_gc())
         return eng, time.monotonic() - t
 
     @staticmethod

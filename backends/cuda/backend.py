@@ -34,6 +34,7 @@ from localserve.models.weights import LoadedWeights
 
 from . import device as gpu
 from .batch_shape import MAX_GRAPH_BATCH, BatchShape, recommend_batch_shape
+from .cascade import CascadePolicy, check_cascade, check_plan
 from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, default_buckets
 from .inputs import DeviceRope, DeviceTorchAttention, step_inputs
@@ -154,6 +155,8 @@ class CUDABackend:
                 self.model.attention = self._make_attention(kind)
                 if hasattr(self.model.attention, "staging"):
                     self.model.attention.staging = self.staging
+                if hasattr(self.model.attention, "cascade"):
+                    self.model.attention.cascade = CascadePolicy(self._cascade_bytes_per_token())
                 self.attention_name = kind
                 self._choose_fused()
                 return
@@ -185,6 +188,31 @@ class CUDABackend:
         msg = f"{kind}: {type(exc).__name__}: {exc}"
         self.fallbacks.append(msg)
         log.warning("attention %s unavailable, falling back: %s", kind, msg)
+
+    def _cascade_bytes_per_token(self) -> int:
+        """KV bytes a shared-prefix token costs a decode step over the layers that cascade
+        (the non-sliding ones): what cascade.CascadePolicy weighs."""
+        mc = self.model.cfg
+        el = torch.empty(0, dtype=self.kv_dtype).element_size()
+        layers = sum(1 for s in mc.layer_is_sliding if not s)
+        return layers * 2 * mc.num_kv_heads * mc.head_dim * el
+
+    def _check_cascade(self, kv, block_size: int) -> None:
+        """Shared-prefix decode against the plain decode on the warm-up's pages: dropped with
+        a logged reason if it fails or disagrees (decode then reads every row's pages)."""
+        att = self.model.attention
+        policy = getattr(att, "cascade", None)
+        if policy is None or not policy.enabled or kv[0][0].shape[0] // block_size < 8:
+            return
+        plan = check_plan(block_size, self.model.cfg.vocab_size)
+        layer = next(i for i, s in enumerate(self.model.cfg.layer_is_sliding) if not s)
+        try:
+            why = check_cascade(att, kv[layer][0], kv[layer][1], plan, policy)
+        except Exception as exc:  # a JIT failure of merge_state, a FlashInfer error
+            why = f"{type(exc).__name__}: {exc}"
+        if why is not None:
+            att.cascade = None
+            self._note_fallback("shared-prefix (cascade) decode", RuntimeError(why))
 
     # -- memory -----------------------------------------------------------------------
     def _kv_bytes_per_block(self, block_size: int) -> int:
@@ -229,6 +257,7 @@ class CUDABackend:
                 self._reset_peak()
                 self._run_dummy_steps(kv, tokens, seqs, block_size)
                 self._activation_peak = max(0, self._peak() - base)
+                self._check_cascade(kv, block_size)
                 if suspect is not None:  # it works without them: they were the cause
                     self._note_fallback("fused kernels", suspect)
                 return
@@ -355,7 +384,7 @@ class CUDABackend:
         st = self.staging
         st.begin()
         if (self.graphs is not None and plan.is_decode_only
-                and plan.num_seqs <= self.graphs.max_batch):
+                and plan.num_seqs <= self.graphs.max_batch and not self._cascaded(plan)):
             self.graphs.prepare(plan)  # host work: fills the inputs, plans the attention
             if fill:
                 self._fill_placeholders(self.graphs.input_ids, plan)
@@ -375,6 +404,12 @@ class CUDABackend:
             start = self._event(events)
             logits = self.model.forward(step, self.kv)
         return logits, start
+
+    def _cascaded(self, plan: Plan) -> bool:
+        """Whether the step's decode reads shared prefixes once (cascade.py): an eager step,
+        since the decode graphs are planned for per-row pages."""
+        policy = getattr(self.model.attention, "cascade", None)
+        return policy is not None and policy.shared_prefixes(plan) is not None
 
     def _fill_placeholders(self, input_ids: torch.Tensor, plan: Plan) -> None:
         """input_ids[placeholder_rows] = the previous step's sampled ids[placeholder_src], on

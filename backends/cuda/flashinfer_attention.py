@@ -12,7 +12,9 @@ buffers; `fill_graph_metadata` re-plans them before each replay (host work plus 
 into those buffers), the pattern SGLang uses.
 
 Staging (`staging`, set by the backend; staging.py): the plan arrays go to FlashInfer as pinned
-host tensors, which its `plan` copies with non_blocking=True. The page indices are the exception:
+host tensors, which its `plan` copies with non_blocking=True. The prefill plans get the KV
+lengths too (`seq_lens`): without them FlashInfer derives them on the host and copies that
+pageable tensor to the device, a stream sync. The page indices are the exception:
 in graph mode FlashInfer copies host indices with non_blocking=False (decode.py: "non_blocking=
 (indices.device == self.device) and non_blocking"), a full stream sync that under overlap
 scheduling stalls the host until the previous step ends. So we copy them into the graph's
@@ -29,6 +31,8 @@ import torch
 
 from localserve.engine.plan import Plan
 
+from .cascade import CascadePolicy, SharedPrefixes
+
 WORKSPACE_BYTES = 256 << 20
 
 
@@ -38,16 +42,33 @@ class FlashInferMetadata:
     wrappers: dict  # sliding (bool) → a planned wrapper
     block_size: int
     indices: torch.Tensor | None = None  # graph mode: the wrappers' shared page-index buffer
+    cascade: "CascadeRun | None" = None  # shared-prefix decode (cascade.py): level 0's run
 
 
-def paged_kv_arrays(seq_lens: np.ndarray, block_tables: np.ndarray, block_size: int):
-    """FlashInfer's (indptr [B+1], indices [nnz], last_page_len [B]) int32 from block tables."""
+@dataclass(slots=True)
+class CascadeRun:
+    """Level 0 of a cascaded decode step: `wrapper` planned over the groups' shared pages,
+    `rows` the batch rows in group order (device, long)."""
+
+    wrapper: object
+    rows: torch.Tensor
+
+
+def paged_kv_arrays(seq_lens: np.ndarray, block_tables: np.ndarray, block_size: int,
+                    skip_pages: np.ndarray | None = None):
+    """FlashInfer's (indptr [B+1], indices [nnz], last_page_len [B]) int32 from block tables;
+    with `skip_pages`, each row's pages past its first skip_pages[i] (cascade level 1)."""
     seq_lens = seq_lens.astype(np.int64)
     npages = (seq_lens + block_size - 1) // block_size
     assert int(npages.max(initial=0)) <= block_tables.shape[1], "block table shorter than a sequence"
+    cols = np.arange(block_tables.shape[1])[None, :]
+    used = cols < npages[:, None]
+    count = npages
+    if skip_pages is not None:
+        used &= cols >= skip_pages[:, None]
+        count = npages - skip_pages
     indptr = np.zeros(len(seq_lens) + 1, dtype=np.int32)
-    np.cumsum(npages, out=indptr[1:])
-    used = np.arange(block_tables.shape[1])[None, :] < npages[:, None]
+    np.cumsum(count, out=indptr[1:])
     indices = block_tables[used].astype(np.int32)  # row-major: each sequence's pages in order
     last = (seq_lens - (npages - 1) * block_size).astype(np.int32)
     return indptr, indices, last
@@ -83,6 +104,10 @@ class FlashInferPagedAttention:
             self.workspace, "NHD", backend=backend) for s in kinds}
         self.decode = {s: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.tensor_cores) for s in kinds}
+        # shared-prefix decode (cascade.py); the backend sets the policy, None: never
+        self.cascade: CascadePolicy | None = None
+        self.shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                     backend=backend)
 
     def _window_left(self, sliding: bool) -> int:
         return self.window - 1 if sliding else -1
@@ -95,26 +120,53 @@ class FlashInferPagedAttention:
 
     def prepare(self, plan: Plan) -> FlashInferMetadata:
         st = self.staging
-        indptr, indices, last = (self._host(a, st) for a in
-                                 paged_kv_arrays(plan.seq_lens, plan.block_tables, plan.block_size))
+        shared = self.cascade.shared_prefixes(plan) if self.cascade is not None else None
+        arrays = paged_kv_arrays(plan.seq_lens, plan.block_tables, plan.block_size)
+        indptr, indices, last = (self._host(a, st) for a in arrays)
         wrappers = {}
+        cascade = None
         if plan.is_decode_only:
             for sliding, w in self.decode.items():
-                self._plan_decode(w, indptr, indices, last, plan.block_size, sliding)
+                if shared is not None and not sliding:  # level 1: each row's own pages
+                    rest = paged_kv_arrays(plan.seq_lens, plan.block_tables, plan.block_size,
+                                           shared.skip_pages)
+                    self._plan_decode(w, *(self._host(a, st) for a in rest), plan.block_size,
+                                      sliding)
+                else:
+                    self._plan_decode(w, indptr, indices, last, plan.block_size, sliding)
                 wrappers[sliding] = w
+            if shared is not None:
+                cascade = self._plan_shared(shared, plan.block_size, st)
         else:
             qo = self._host(plan.query_start_loc.astype(np.int32, copy=False), st)
+            kv_lens = self._host(plan.seq_lens.astype(np.int32, copy=False), st)
             for sliding, w in self.prefill.items():
                 w.plan(qo, indptr, indices, last, self.num_heads, self.num_kv_heads,
                        self.head_dim, plan.block_size, causal=True, sm_scale=self.scale,
                        window_left=self._window_left(sliding), q_data_type=self.dtype,
-                       kv_data_type=self.kv_dtype)
+                       kv_data_type=self.kv_dtype, seq_lens=kv_lens)
                 wrappers[sliding] = w
+        slots = self._to_device(plan.slot_mapping, st)
+        return FlashInferMetadata(slot_mapping=slots, wrappers=wrappers, block_size=plan.block_size,
+                                  cascade=cascade)
+
+    def _to_device(self, a: np.ndarray, st) -> torch.Tensor:
         if st is None:
-            slots = torch.from_numpy(plan.slot_mapping.astype(np.int64)).to(self.device, non_blocking=True)
-        else:
-            slots = st.to_device(plan.slot_mapping, torch.long)
-        return FlashInferMetadata(slot_mapping=slots, wrappers=wrappers, block_size=plan.block_size)
+            return torch.from_numpy(a.astype(np.int64)).to(self.device, non_blocking=True)
+        return st.to_device(a, torch.long)
+
+    def _plan_shared(self, shared: SharedPrefixes, block_size: int, st) -> CascadeRun:
+        """Level 0: each group's rows as the queries of one request over its shared pages,
+        full pages, not causal (every shared key precedes every query)."""
+        groups = shared.num_groups
+        full = np.full(groups, block_size, dtype=np.int32)
+        kv_lens = (np.diff(shared.kv_indptr) * block_size).astype(np.int32)
+        qo, kv_indptr, kv_indices, last, kv_lens = (self._host(a, st) for a in (
+            shared.qo_indptr, shared.kv_indptr, shared.kv_indices, full, kv_lens))
+        self.shared.plan(qo, kv_indptr, kv_indices, last, self.num_heads, self.num_kv_heads,
+                         self.head_dim, block_size, causal=False, sm_scale=self.scale,
+                         q_data_type=self.dtype, kv_data_type=self.kv_dtype, seq_lens=kv_lens)
+        return CascadeRun(wrapper=self.shared, rows=self._to_device(shared.rows, st))
 
     def _plan_decode(self, w, indptr, indices, last, block_size: int, sliding: bool) -> None:
         w.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
@@ -165,5 +217,14 @@ class FlashInferPagedAttention:
         bs = meta.block_size
         paged = (k_cache.view(-1, bs, self.num_kv_heads, self.head_dim),
                  v_cache.view(-1, bs, self.num_kv_heads, self.head_dim))
-        out = meta.wrappers[sliding].run(q.contiguous(), paged)
+        q = q.contiguous()
+        c = meta.cascade
+        if c is None or sliding:
+            out = meta.wrappers[sliding].run(q, paged)
+        else:  # level 1 over each row's own pages, level 0 over the shared ones, merged
+            out, lse = meta.wrappers[sliding].run(q, paged, return_lse=True)
+            head, head_lse = c.wrapper.run(q.index_select(0, c.rows), paged, return_lse=True)
+            rest, rest_lse = out.index_select(0, c.rows), lse.index_select(0, c.rows)
+            self.fi.merge_state_in_place(rest, rest_lse, head, head_lse)
+            out.index_copy_(0, c.rows, rest)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -68,7 +68,6 @@ class ScheduledStep:
     plan: Plan
     plan_reqs: list[Request]  # aligned with plan.seq_ids
     sampled: list[Request]  # aligned with plan.sample_idx
-    prompt_done: list[Request]  # sequences whose prompt's last chunk is in this step
     # a sampled row needs its token on the host before the next step can be planned
     # (grammar masks, penalties over the output history)
     needs_sync: bool = False
@@ -85,8 +84,6 @@ class Scheduler:
         # request -> (count, step, row): its output tokens sampled in steps still in flight;
         # the newest was sampled in row `row` of `step`'s ForwardOutput
         self._pending: dict[Request, tuple[int, ScheduledStep, int]] = {}
-        # prompts whose last chunk is in flight: their pages enter the prefix cache in update
-        self._uncached: set[Request] = set()
         self._tables = BlockTableRows()
         self.num_preemptions = 0
         self.num_forced_tokens = 0  # output tokens inserted by jump-forward, lifetime
@@ -135,7 +132,6 @@ class Scheduler:
         victims = {req for step in self._inflight for req in step.plan_reqs}
         self._inflight.clear()
         self._pending.clear()
-        self._uncached.clear()
         for req in [r for r in self.running if r in victims]:
             # their last KV may never have been written: nothing of it goes to the cache
             self.running.remove(req)
@@ -144,6 +140,9 @@ class Scheduler:
             req.num_computed_tokens = 0
             req.status = RequestStatus.WAITING
             self.waiting.appendleft(req)
+        # prompts cached when their step was scheduled (_cache_prompt) may never have been
+        # written: drop every page of the prefix cache that no running sequence holds
+        self.kv.tree.reset()
 
     # -- schedule -------------------------------------------------------------------------
     def schedule(self) -> Plan | None:
@@ -209,10 +208,20 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return budget
 
+    def _cache_prompt(self, req: Request) -> None:
+        """Puts req's prompt pages into the prefix cache when the step that computes their
+        last chunk is scheduled, not when it has run: the backend runs steps in order, so any
+        later step that reads them runs after their KV is written. Under overlap scheduling the
+        next step is planned before this one's result is applied; requests it admits then hit
+        this prompt's pages (a request of a group admitted one step later would miss them)."""
+        n = req.num_computed_tokens
+        req.num_computed_tokens = min(n, req.num_tokens)  # tokens known on the host
+        self.kv.cache(req)
+        req.num_computed_tokens = n
+
     def _fork_ready(self, leader: Request) -> bool:
         # the prompt's pages must be in the prefix cache, not just scheduled
-        return leader.finished or (leader.num_computed_tokens >= leader.num_prompt_tokens
-                                   and leader not in self._uncached)
+        return leader.finished or leader.num_computed_tokens >= leader.num_prompt_tokens
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -246,7 +255,7 @@ class Scheduler:
             positions = np.arange(n_tok, dtype=np.int64) + np.repeat(starts - query_start_loc[:-1], ns)
         slot_mapping = block_tables[tok_seq, positions // bs].astype(np.int64) * bs + positions % bs
 
-        step = ScheduledStep(plan=None, plan_reqs=reqs, sampled=[], prompt_done=[])  # type: ignore[arg-type]
+        step = ScheduledStep(plan=None, plan_reqs=reqs, sampled=[])  # type: ignore[arg-type]
         ids: list[int] = []
         ph_rows: list[int] = []
         ph_src: list[int] = []
@@ -278,10 +287,9 @@ class Scheduler:
             if npend == 0 and req in pending:
                 npend = pending[req][0]
             t += n
-            if start < req.num_prompt_tokens <= end:
-                step.prompt_done.append(req)
-                self._uncached.add(req)
             req.num_computed_tokens = end
+            if start < req.num_prompt_tokens <= end:
+                self._cache_prompt(req)
             if end == known + npend:
                 row = self._sampling_row(req, npend)
                 pending[req] = (npend + 1, step, len(sample_idx))
@@ -326,14 +334,6 @@ class Scheduler:
         """Applies the oldest step in flight (`plan`): its sampled tokens, stops, finishes."""
         step = self._inflight.popleft()
         assert step.plan is plan, "update() must follow schedule() order"
-        for req in step.prompt_done:
-            self._uncached.discard(req)
-            if not req.finished and req.block_table:
-                # share the prompt's pages with forks and concurrent requests at once
-                n = req.num_computed_tokens
-                req.num_computed_tokens = min(n, req.num_tokens)
-                self.kv.cache(req)
-                req.num_computed_tokens = n
         events: list[TokenEvent] = []
         token_ids = out.token_ids.tolist()
         pending = self._pending

@@ -17,6 +17,7 @@ from localserve.models.config import ModelConfig
 from localserve.models.loader import load_weights
 from localserve.paths import cache_dir
 from localserve.runtime.default_model import resolve_model_ref
+from localserve.runtime.gc_tuning import tune_gc
 
 
 @dataclass(slots=True)
@@ -57,6 +58,7 @@ def load_model(
     dev = backend_cls()
     dev.load(weights, backend_cfg or BackendConfig())
     engine = LLMEngine(dev, weights.config, tokenizer, engine_cfg or EngineConfig())
+    gc_info = tune_gc()  # the serving loop's allocations no longer rescan the loaded model
     return LoadedModel(
         name=name or ref or "default",
         source=source,
@@ -65,4 +67,5 @@ def load_model(
         engine=engine,
         backend_name=backend_cls.name,
         load_seconds=time.perf_counter() - t0,
+        info={"gc": gc_info},
     )

@@ -226,8 +226,11 @@ def test_stop_string_property(bpe, text, data, include):
     if at == -1:
         assert step is None and "".join(deltas) + tail == full
     else:
-        assert step is not None and step.stop_reason == stop
-        assert "".join(deltas) == full[: at + (len(stop) if include else 0)]
+        assert "".join(deltas) + tail == full[: at + (len(stop) if include else 0)]
+        # a stop string that ends in U+FFFD is seen only by flush(): a trailing U+FFFD is held
+        # back as a possibly incomplete character, so the text is cut there, without a step
+        assert (step is not None and step.stop_reason == stop) or (
+            step is None and stop.endswith("\ufffd"))
     assert all("\ufffd" not in d for d in deltas) or "\ufffd" in full
 
 

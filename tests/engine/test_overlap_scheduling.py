@@ -184,3 +184,29 @@ def test_overlap_with_stop_strings_grammar_and_penalties(tok):
         if overlap:
             assert eng.backend.placeholder_rows > 0
     assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_prompt_is_a_prefix_hit_for_the_next_planned_step(overlap):
+    """A and B share a 16-token prompt; the token budget fits one of them per step. B is
+    admitted in the step after A's prefill, which under overlap is planned before A's step has
+    run: it must still reuse A's pages (they are cached when A's step is scheduled)."""
+    eng = toy_engine(overlap, max_num_batched_tokens=16)
+    p = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompt = list(range(1, 17))
+    a = eng.add_request(prompt, p)
+    b = eng.add_request(prompt + [20, 21], p)
+    cached, got = {}, {}
+    while eng.has_unfinished():
+        for d in eng.step():
+            cached[d.request_id] = d.num_cached_tokens
+            got.setdefault(d.request_id, []).extend(d.token_ids)
+        eng.check_integrity()
+    assert cached[a] == 0 and cached[b] == 16
+    alone = toy_engine(False)
+    ref = alone.add_request(prompt + [20, 21], p)
+    want = []
+    while alone.has_unfinished():
+        for d in alone.step():
+            want += d.token_ids
+    assert got[b] == want and ref  # the hit changes nothing in B's tokens
