@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import Bench  # noqa: E402  (importing it maps localserve.backends on the device)
+from gpu_harness import Bench  # noqa: E402  (importing it maps localserve.backends on the device)
 
 
 def d_prompts(b: Bench, vocab: int):

@@ -1,7 +1,7 @@
 """Overlap scheduling on the GPU, one device call: conformance with overlap on, then Show a
 (bs1 decode), b (1,000 prompts) and e (gemma idle share), each with overlap off and on over the
 same backend and engine (EngineConfig.async_scheduling; the engine's flag is switched between
-runs while nothing is in flight). Reuses scripts/gpu_bench.py's building blocks.
+runs while nothing is in flight). Reuses scripts/gpu_harness.py's building blocks.
 
 `--ab pinned`: overlap stays on, and "off" / "on" become the backend's pinned input staging off
 (pageable copies, FlashInfer's synchronous page-index copy: the behaviour before staging.py) /
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import Bench  # noqa: E402  (importing it maps localserve.backends on the device)
+from gpu_harness import Bench  # noqa: E402  (importing it maps localserve.backends on the device)
 
 
 def conformance_overlap(b: Bench) -> dict:
