@@ -7,6 +7,7 @@ overlap_bench.py and cascade_bench.py build on it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -41,6 +42,36 @@ _map_backends()
 
 FULL = {"llama": "llama-3.1-8b", "gemma": "gemma-3-270m", "qwen": "qwen3-0.6b"}
 TINY = {"llama": "tiny-llama", "gemma": "tiny-gemma3", "qwen": "tiny-qwen3"}
+
+
+@contextlib.contextmanager
+def time_calls(targets, parts: dict[str, float], calls: dict[str, int]):
+    """Inside the block each (owner, attr, key) of `targets` is wrapped: every call adds its
+    seconds to parts[key] and one to calls[key]. Owners are instances or modules; what was
+    there before is put back on exit."""
+    saved = []
+    for owner, attr, key in targets:
+        f = getattr(owner, attr)
+        saved.append((owner, attr, vars(owner).get(attr), attr in vars(owner)))
+        parts.setdefault(key, 0.0)
+        calls.setdefault(key, 0)
+
+        def timed(*a, _f=f, _key=key, **k):
+            t = time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                parts[_key] += time.perf_counter() - t
+                calls[_key] += 1
+        setattr(owner, attr, timed)
+    try:
+        yield
+    finally:
+        for owner, attr, orig, had in reversed(saved):
+            if had:
+                setattr(owner, attr, orig)
+            else:
+                delattr(owner, attr)  # the instance attribute hid the class's method
 
 
 class Bench:
@@ -174,41 +205,18 @@ class Bench:
         """Runs fn() with the step's parts timed on the host: mean ms per step of
         scheduler.schedule, backend.execute (prepare, replay launch, the wait for the ids),
         scheduler.update and the engine's deltas."""
-        parts = {"schedule": 0.0, "execute": 0.0, "update": 0.0, "deltas": 0.0}  # ms per step
-        calls = {"n": 0}
-        originals = []
-
-        def timed(obj, attr, key):
-            f = getattr(obj, attr)
-            originals.append((obj, attr))
-
-            def g(*a, **k):
-                t = time.perf_counter()
-                try:
-                    return f(*a, **k)
-                finally:
-                    parts[key] += time.perf_counter() - t
-                    if key == "schedule":
-                        calls["n"] += 1
-            setattr(obj, attr, g)
-
-        timed(eng.scheduler, "schedule", "schedule")
-        timed(eng.backend, "execute", "execute")
+        targets = [(eng.scheduler, "schedule", "schedule"), (eng.backend, "execute", "execute")]
         if callable(getattr(eng.backend, "execute_async", None)):  # overlap: the submit
-            parts["execute_async"] = 0.0
-            timed(eng.backend, "execute_async", "execute_async")
+            targets.append((eng.backend, "execute_async", "execute_async"))
         graphs = getattr(eng.backend, "graphs", None)
         if graphs is not None:  # inside execute: padded inputs + FlashInfer's plan
-            parts["graph_prepare"] = 0.0
-            timed(graphs, "prepare", "graph_prepare")
-        timed(eng.scheduler, "update", "update")
-        timed(eng, "_deltas", "deltas")
-        try:
+            targets.append((graphs, "prepare", "graph_prepare"))
+        targets += [(eng.scheduler, "update", "update"), (eng, "_deltas", "deltas")]
+        parts: dict[str, float] = {}
+        calls: dict[str, int] = {}
+        with time_calls(targets, parts, calls):
             res = fn()
-        finally:
-            for obj, attr in originals:
-                delattr(obj, attr)  # the instance attribute hid the class's method
-        n = max(1, calls["n"])
+        n = max(1, calls.get("schedule", 0))
         return res, {k: round(v / n * 1e3, 3) for k, v in parts.items()} | {"steps": n}
 
     def idle_share(self, be, fn) -> tuple[dict, float]:

@@ -414,9 +414,15 @@ class CUDABackend:
     def _fill_placeholders(self, input_ids: torch.Tensor, plan: Plan) -> None:
         """input_ids[placeholder_rows] = the previous step's sampled ids[placeholder_src], on
         the device, ordered after that step's sampling by the stream."""
-        rows = self.staging.to_device(plan.placeholder_rows, torch.long)
-        src = self.staging.to_device(plan.placeholder_src, torch.long)
-        input_ids.index_copy_(0, rows, self._last_ids.index_select(0, src))
+        rows, src = plan.placeholder_rows, plan.placeholder_src
+        n = len(rows)
+        # rows ascend, so rows[-1] == n - 1 means rows == 0..n-1; with src == rows (a decode
+        # batch in the previous step's order, the steady state) it is a prefix copy
+        if int(rows[-1]) == n - 1 and n <= len(self._last_ids) and np.array_equal(src, rows):
+            input_ids[:n].copy_(self._last_ids[:n])
+            return
+        idx = self.staging.to_device(np.stack([rows, src]), torch.long)
+        input_ids.index_copy_(0, idx[0], self._last_ids.index_select(0, idx[1]))
 
     def _mark_staged(self, overlapped: bool) -> None:
         """Ends the staging bracket; under overlap keeps its event: FlashInfer's own pinned

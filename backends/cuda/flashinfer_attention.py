@@ -42,6 +42,9 @@ class FlashInferMetadata:
     wrappers: dict  # sliding (bool) → a planned wrapper
     block_size: int
     indices: torch.Tensor | None = None  # graph mode: the wrappers' shared page-index buffer
+    indptr: torch.Tensor | None = None  # graph mode: their shared page indptr [bs + 1] buffer
+    last_page_len: torch.Tensor | None = None  # graph mode: their shared [bs] buffer
+    planned: bytes | None = None  # graph mode: the page indptr the wrappers were planned for
     cascade: "CascadeRun | None" = None  # shared-prefix decode (cascade.py): level 0's run
 
 
@@ -179,28 +182,43 @@ class FlashInferPagedAttention:
         dev = self.device
         wrappers = {}
         indices = torch.zeros(batch_size * max_blocks, dtype=torch.int32, device=dev)
+        indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=dev)
+        last = torch.zeros(batch_size, dtype=torch.int32, device=dev)
         for sliding in self.decode:
             wrappers[sliding] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
-                paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
-                paged_kv_indices_buffer=indices,
-                paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev),
+                paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices,
+                paged_kv_last_page_len_buffer=last,
             )
         return FlashInferMetadata(slot_mapping=slot_mapping, wrappers=wrappers,
-                                  block_size=block_size, indices=indices)
+                                  block_size=block_size, indices=indices, indptr=indptr,
+                                  last_page_len=last)
 
     def fill_graph_metadata(self, meta: FlashInferMetadata, seq_lens: np.ndarray,
                             block_tables: np.ndarray, staging=None) -> None:
+        """Re-plans the bucket's wrappers for this step, or, when every row spans as many
+        pages as at the last plan, only refreshes the page indices and last-page lengths.
+
+        FlashInfer's decode plans (the CUDA-core DecodePlan and the tensor-core PrefillPlan
+        alike) are functions of the page indptr, the head shape and window_left only: the
+        KV length inside a row's last page is read on the device from last_page_len. So a
+        plan for the same page indptr writes the same work partition and the skip is exact;
+        a sequence crosses into a new page once every block_size steps."""
         indptr, indices, last = paged_kv_arrays(seq_lens, block_tables, meta.block_size)
+        key = indptr.tobytes()
         if staging is not None and staging.pinned and meta.indices is not None:
             dev = meta.indices[: len(indices)]
             dev.copy_(staging.host(indices), non_blocking=True)
+            if key == meta.planned:
+                meta.last_page_len.copy_(staging.host(last), non_blocking=True)
+                return
             indptr, indices, last = staging.host(indptr), dev, staging.host(last)
         else:
             st = staging if staging is not None and staging.enabled else None
             indptr, indices, last = (self._host(a, st) for a in (indptr, indices, last))
         for sliding, w in meta.wrappers.items():
             self._plan_decode(w, indptr, indices, last, meta.block_size, sliding)
+        meta.planned = key
 
     # -- per layer -------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -27,6 +27,8 @@ def sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow]
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return torch.zeros(0, dtype=torch.long, device=logits.device), None
+    if all(map(_plain_greedy, rows)):  # the common case, without building BatchParams
+        return K.argmax(logits), None
     batch = S.BatchParams.from_rows(rows, vocab_size)
     if (batch.num_logprobs >= 0).any():
         out = S.sample(logits, rows)
@@ -52,6 +54,13 @@ def sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow]
         probs = S._probabilities(x, random_idx, batch.temperature[random_idx])
         token_ids[S._index(random_idx, x)] = S._sample_random(probs, batch, random_idx, exact_sort)
     return token_ids, None
+
+
+def _plain_greedy(row: SamplingRow) -> bool:
+    """Greedy with nothing that changes the logits or asks for more than the id."""
+    p = row.params
+    return (p.temperature < S.GREEDY_EPS and row.token_bitmask is None and not p.logprobs
+            and not p.logit_bias and not p.needs_penalties)
 
 
 class SubmittedStep:

@@ -22,6 +22,7 @@ and `to_device` returns a copy (a view would alias a slot that is rewritten late
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -101,9 +102,8 @@ class HostStaging:
         """An uninitialised host tensor in the current slot and its numpy view (write through
         either). Only while enabled."""
         assert self.enabled, "staging is off"
-        shape = tuple(int(s) for s in np.atleast_1d(shape))
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+        shape = (int(shape),) if np.ndim(shape) == 0 else tuple(map(int, shape))
+        nbytes = math.prod(shape) * dtype.itemsize
         slot = self._slots[self._index]
         start = -(-slot.used // _ALIGN) * _ALIGN
         if start + nbytes > slot.buf.numel():

@@ -36,7 +36,7 @@ from localserve.backends.torch_common.token_bitmask import apply_token_bitmask, 
 from localserve.engine.plan import ForwardOutput, SamplingRow
 from localserve.errors import InvalidRequestError
 
-_GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below it are greedy
+GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below it are greedy
 _CANDIDATES = 256
 _MAX_DRAWS = 64
 _REJECTION_MIN_TOP_P = 0.25  # below it a nucleus is likely narrow: try the candidates first
@@ -67,7 +67,7 @@ class BatchParams:
             top_k=top_k,
             top_p=np.array([p.top_p for p in ps], dtype=np.float64),
             min_p=np.array([p.min_p for p in ps], dtype=np.float64),
-            greedy=np.array([p.temperature < _GREEDY_EPS for p in ps], dtype=bool),
+            greedy=np.array([p.temperature < GREEDY_EPS for p in ps], dtype=bool),
             penalised=np.array([p.needs_penalties for p in ps], dtype=bool),
             biased=np.array([bool(p.logit_bias) for p in ps], dtype=bool),
             num_logprobs=np.array(

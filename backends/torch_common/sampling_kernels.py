@@ -88,8 +88,9 @@ def _block_cols(
 
 def argmax(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """torch.argmax over the last dim (first maximum on ties): the first block holding the
-    maximum holds its first occurrence."""
-    if x.shape[1] < 8 * BLOCK:
+    maximum holds its first occurrence. Off the CPU torch.argmax is one fast kernel, and the
+    block route would cost ~10 launches a step."""
+    if x.shape[1] < 8 * BLOCK or x.device.type != "cpu":
         return _select(x, rows).argmax(dim=-1)
     best = _select(block_reduce(x, BLOCK, "amax"), rows).argmax(dim=-1)
     cols, vals = _block_cols(x, best[:, None], BLOCK, rows)

@@ -19,11 +19,11 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (
-            RequestStatus.FINISHED_STOPPED,
-            RequestStatus.FINISHED_LENGTH,
-            RequestStatus.FINISHED_ABORTED,
-        )
+        return self is not _WAITING and self is not _RUNNING  # identity: asked per row per step
+
+
+_WAITING = RequestStatus.WAITING
+_RUNNING = RequestStatus.RUNNING
 
 
 @dataclass(slots=True, eq=False)
@@ -77,8 +77,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.status.finished
+        s = self.status
+        return s is not _WAITING and s is not _RUNNING
 
     @property
     def finish_reason(self) -> str | None:
-        return self.status.value if self.status.finished else None
+        s = self.status
+        return None if s is _WAITING or s is _RUNNING else s.value

@@ -264,31 +264,32 @@ class Scheduler:
         pending = self._pending
         last = self._inflight[-1] if self._inflight else None
         t = 0
-        for b, (req, n) in enumerate(batch):
+        for b, (req, n) in enumerate(batch):  # per row per step: kept lean
             start = req.num_computed_tokens
             end = start + n
-            known = req.num_tokens
-            npend = 0
+            prompt, output = req.prompt_token_ids, req.output_token_ids
+            p = len(prompt)
+            known = p + len(output)
+            pend = pending.get(req)
+            npend = 0 if pend is None else pend[0]
             if end <= known:
                 if n == 1:
-                    p = len(req.prompt_token_ids)
-                    ids.append(req.output_token_ids[start - p] if start >= p else req.prompt_token_ids[start])
+                    ids.append(output[start - p] if start >= p else prompt[start])
                 else:
                     ids.extend(req.token_ids_slice(start, end))
             else:
                 # the token at position `known` was sampled by the step submitted last and is
                 # not on the host yet: the backend reads it from its device copy
-                npend, src_step, src_row = pending[req]
-                assert end == known + 1 and src_step is last, "one placeholder, from the last step"
-                ids.extend(req.token_ids_slice(start, known))
+                assert pend is not None and end == known + 1 and pend[1] is last, \
+                    "one placeholder, from the last step"
+                if start < known:
+                    ids.extend(req.token_ids_slice(start, known))
                 ids.append(0)
                 ph_rows.append(t + n - 1)
-                ph_src.append(src_row)
-            if npend == 0 and req in pending:
-                npend = pending[req][0]
+                ph_src.append(pend[2])
             t += n
             req.num_computed_tokens = end
-            if start < req.num_prompt_tokens <= end:
+            if start < p <= end:
                 self._cache_prompt(req)
             if end == known + npend:
                 row = self._sampling_row(req, npend)
@@ -296,7 +297,7 @@ class Scheduler:
                 sample_idx.append(b)
                 sampling.append(row)
                 step.sampled.append(req)
-                if req.grammar is not None or req.params.needs_penalties:
+                if req.grammar is not None or row.prompt_token_ids is not None:  # penalties
                     step.needs_sync = True
         plan = Plan(
             seq_ids=[req.seq_id for req in reqs],
