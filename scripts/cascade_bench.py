@@ -97,6 +97,71 @@ def sync_check(b: Bench, eng, prompts, outs) -> dict:
             "by_place": dict(places.most_common(8))}
 
 
+def graph_check(b: Bench, be) -> dict:
+    """Before any request (the pages hold nothing yet): the smallest cascade graph's attention
+    metadata, filled for a synthetic step (3 groups over 30 / 10 / 5 shared pages, loners,
+    5 pad rows) and run eagerly on random queries and KV, against the fp32 reference and
+    against the plain graph's metadata for the same step."""
+    g = be.graphs
+    if b.cpu or g is None or not g.cascade_buckets:
+        return {"skipped": "no cascade graphs"}
+    import torch
+
+    from localserve.backends.cuda.cascade import find_shared_prefixes, reference_attention
+    from localserve.backends.cuda.inputs import PaddedDecode
+    from localserve.engine.plan import Plan, SamplingRow
+
+    bucket, bs = g.cascade_buckets[0], be.block_size
+    rng = np.random.default_rng(5)
+    nxt = [0]
+
+    def fresh(k):
+        nxt[0] += k
+        return list(range(nxt[0] - k, nxt[0]))
+
+    rows = []
+    for size, shared_pages in ((20, 30), (12, 10), (6, 5)):
+        head = fresh(shared_pages)
+        rows += [head + fresh(int(rng.integers(1, 4))) for _ in range(size)]
+    while len(rows) < bucket - 5:
+        rows.append(fresh(int(rng.integers(1, 9))))
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    n = len(rows)
+    tables = np.zeros((n, max(map(len, rows))), dtype=np.int32)
+    lens = np.zeros(n, dtype=np.int32)
+    for i, r in enumerate(rows):
+        tables[i, :len(r)] = r
+        lens[i] = (len(r) - 1) * bs + int(rng.integers(1, bs + 1))
+    plan = Plan(seq_ids=list(range(n)), input_ids=np.zeros(n, np.int64),
+                positions=lens.astype(np.int64) - 1, slot_mapping=np.zeros(n, np.int64),
+                query_start_loc=np.arange(n + 1, dtype=np.int32), seq_lens=lens,
+                block_tables=tables, sample_idx=np.arange(n, dtype=np.int32),
+                sampling=[SamplingRow(params=b.params(1), seed=0, step=0)] * n, block_size=bs)
+    shared = find_shared_prefixes(lens, tables, bs)
+    att = be.model.attention
+    layer = next(i for i, sl in enumerate(be.model.cfg.layer_is_sliding) if not sl)
+    k_cache, v_cache = be.kv[layer]
+    used = nxt[0] * bs
+    k_cache[:used] = torch.randn_like(k_cache[:used])
+    v_cache[:used] = torch.randn_like(v_cache[:used])
+    q = torch.randn(bucket, att.num_heads, att.head_dim, dtype=att.dtype, device=k_cache.device)
+    padded = PaddedDecode.from_plan(plan, bucket, g.scratch_block)
+    outs = {}
+    for key, entry, sp in (("cascade", g.cascade_graphs[bucket], shared),
+                           ("plain", g.graphs[bucket], None)):
+        be.staging.begin()
+        g._fill(entry[1], padded, be.staging, sp)
+        be.staging.end()
+        outs[key] = att.attend(q, k_cache, v_cache, entry[1], False).float()[:n]
+    ref = reference_attention(q[:n], k_cache, v_cache, plan, att.scale).reshape(outs["plain"].shape)
+    scale = float(ref.abs().max())
+    err = {k: float((v - ref).abs().max()) for k, v in outs.items()}
+    ok = err["cascade"] <= 2 * err["plain"] + 1e-2 * scale
+    return {"bucket": bucket, "rows": n, "groups": shared.num_groups,
+            "grouped_rows": len(shared.rows), "max_abs_err_vs_fp32": err,
+            "value_scale": scale, "ok": bool(ok)}
+
+
 def host_profile(b: Bench, be, eng, prompts, outs) -> dict:
     """Cascade on: the host parts of each step (b.host_breakdown, plus the attention's
     prepare and the eager forward's launches) and the idle share, with Python's GC on and
@@ -150,6 +215,18 @@ def show_d(b: Bench) -> dict:
            "cascade_available": policy is not None,
            "cascade_min_saved_gb": None if policy is None else policy.min_saved_bytes / 2**30}
     b.log("loaded", json.dumps(res))
+    res["cascade_graph_buckets"] = list(be.graphs.cascade_buckets) if be.graphs else []
+    try:
+        import torch
+
+        with torch.inference_mode():  # the KV pages are inference tensors
+            res["graph_check"] = graph_check(b, be)
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        res["graph_check"] = {"error": f"{type(exc).__name__}: {exc}"}
+    b.log("graph_check", json.dumps(res["graph_check"]))
     prompts, outs, groups, per = d_prompts(b, cfg.vocab_size)
     res.update(groups=groups, per_group=per, max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens)
     # warm-up: one group, both ways (JIT of the level-0 prefill plan and merge_state)
@@ -172,12 +249,14 @@ def show_d(b: Bench) -> dict:
         if policy is not None:
             policy.enabled = key == "on"
         steps0, saved0 = (policy.steps, policy.saved_tokens) if policy else (0, 0)
+        graph0 = be.graphs.cascade_steps if be.graphs is not None else 0
         eng.reset_prefix_cache()
         (r, toks), idle = b.idle_share(be, lambda: run_collect(b, eng, prompts, outs))
         r["gpu_idle_share"] = round(idle, 4)
         if policy is not None:
             r["cascaded_steps"] = policy.steps - steps0
             r["saved_kv_tokens"] = policy.saved_tokens - saved0
+            r["cascade_graph_steps"] = (be.graphs.cascade_steps if be.graphs else 0) - graph0
         runs[key].append(r)
         tokens.setdefault(key, toks)
         b.log(f"cascade {key}", json.dumps(r))
@@ -223,7 +302,7 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, default=512, help="the engine's max_num_seqs")
     ap.add_argument("--skip-off", action="store_true", help="no prefix-cache-off run (~100 s)")
     args = ap.parse_args()
-    os.environ.setdefault("LOCALSERVE_CASCADE", "1")  # off by default in the backend
+    # LOCALSERVE_CASCADE as the backend's default ("auto": cascade graphs only) unless set
     if args.cpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     b = Bench(args)

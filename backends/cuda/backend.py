@@ -36,7 +36,7 @@ from . import device as gpu
 from .batch_shape import MAX_GRAPH_BATCH, BatchShape, recommend_batch_shape
 from .cascade import CascadePolicy, check_cascade, check_plan
 from .fused_model import FusedDecoderModel
-from .graphs import DecodeGraphs, capture_or_none, default_buckets
+from .graphs import DecodeGraphs, capture_or_none, cascade_graph_buckets, default_buckets
 from .inputs import DeviceRope, DeviceTorchAttention, step_inputs
 from .overlap import SubmittedStep, sample_on_device
 from .staging import HostStaging
@@ -322,9 +322,12 @@ class CUDABackend:
         if self._use_graphs():
             max_blocks = -(-self.model.cfg.max_context // block_size)
             buckets = default_buckets(min(self.cfg.max_num_seqs, MAX_GRAPH_BATCH))
+            cascade = (cascade_graph_buckets(buckets)
+                       if getattr(self.model.attention, "graph_cascade", False) else ())
             self.graphs = capture_or_none(
                 self.model, self.model.attention, self.rope, self.kv, buckets, block_size,
-                max_blocks, num_blocks, self.device, staging=self.staging)
+                max_blocks, num_blocks, self.device, staging=self.staging,
+                cascade_buckets=cascade)
             if self.graphs is None:
                 self.fallbacks.append("cuda graphs: capture failed (see the log)")
 
@@ -383,9 +386,12 @@ class CUDABackend:
         fill = placeholders and plan.has_placeholders
         st = self.staging
         st.begin()
+        shared = self._shared_prefixes(plan)
         if (self.graphs is not None and plan.is_decode_only
-                and plan.num_seqs <= self.graphs.max_batch and not self._cascaded(plan)):
-            self.graphs.prepare(plan)  # host work: fills the inputs, plans the attention
+                and plan.num_seqs <= self.graphs.max_batch
+                and (shared is None or self.graphs.has_cascade(plan.num_seqs, shared.num_groups))):
+            # host work: fills the inputs, plans the attention (a cascade graph with shared)
+            self.graphs.prepare(plan, shared)
             if fill:
                 self._fill_placeholders(self.graphs.input_ids, plan)
             rows = None
@@ -405,11 +411,16 @@ class CUDABackend:
             logits = self.model.forward(step, self.kv)
         return logits, start
 
-    def _cascaded(self, plan: Plan) -> bool:
-        """Whether the step's decode reads shared prefixes once (cascade.py): an eager step,
-        since the decode graphs are planned for per-row pages."""
+    def _shared_prefixes(self, plan: Plan):
+        """The step's shared-prefix groups when its decode reads them once (cascade.py), else
+        None. A cascaded step replays its bucket's cascade graph, or runs eager without one."""
         policy = getattr(self.model.attention, "cascade", None)
-        return policy is not None and policy.shared_prefixes(plan) is not None
+        shared = None if policy is None else policy.shared_prefixes(plan)
+        if shared is not None and not policy.eager and not (
+                self.graphs is not None and self.graphs.has_cascade(plan.num_seqs, shared.num_groups)):
+            policy.decline(plan)  # no graph for it: the plain graph (or eager plain) path
+            return None
+        return shared
 
     def _fill_placeholders(self, input_ids: torch.Tensor, plan: Plan) -> None:
         """input_ids[placeholder_rows] = the previous step's sampled ids[placeholder_src], on

@@ -94,18 +94,81 @@ def find_shared_prefixes(seq_lens: np.ndarray, block_tables: np.ndarray, block_s
     )
 
 
+@dataclass(slots=True)
+class GraphCascade:
+    """A step's level 0 in the fixed shapes of a CUDA graph captured for `batch_size` rows and
+    `max_groups` groups: groups past the real ones are empty (no query rows, no pages), and
+    `rows` is a permutation of all batch rows, grouped rows first (the level-0 query order),
+    so the merge and write-back run over fixed shapes with `mask` naming the rows to merge."""
+
+    qo_indptr: np.ndarray      # int32 [max_groups + 1]
+    kv_indptr: np.ndarray      # int32 [max_groups + 1]
+    kv_indices: np.ndarray     # int32 [nnz]
+    last_page_len: np.ndarray  # int32 [max_groups]: full pages (shared pages are never last)
+    kv_lens: np.ndarray        # int32 [max_groups]
+    rows: np.ndarray           # int64 [batch_size]: a permutation
+    mask: np.ndarray           # bool [batch_size]: mask[i] = rows[i] is in a group
+
+    @classmethod
+    def pad(cls, shared: SharedPrefixes, batch_size: int, max_groups: int,
+            block_size: int) -> "GraphCascade":
+        g = shared.num_groups
+        assert g <= max_groups, (g, max_groups)
+        qo = np.full(max_groups + 1, shared.qo_indptr[-1], dtype=np.int32)
+        qo[: g + 1] = shared.qo_indptr
+        kv = np.full(max_groups + 1, shared.kv_indptr[-1], dtype=np.int32)
+        kv[: g + 1] = shared.kv_indptr
+        kv_lens = (np.diff(kv) * block_size).astype(np.int32)
+        rest = np.ones(batch_size, dtype=bool)
+        rest[shared.rows] = False
+        rows = np.concatenate([shared.rows, np.flatnonzero(rest)]).astype(np.int64)
+        mask = np.zeros(batch_size, dtype=bool)
+        mask[: len(shared.rows)] = True
+        return cls(qo_indptr=qo, kv_indptr=kv, kv_indices=shared.kv_indices,
+                   last_page_len=np.full(max_groups, block_size, dtype=np.int32),
+                   kv_lens=kv_lens, rows=rows, mask=mask)
+
+    @classmethod
+    def dummy(cls, batch_size: int, max_groups: int, block_size: int,
+              scratch_block: int) -> "GraphCascade":
+        """What the graph is captured with: every row in one group over the scratch page
+        (FlashInfer fixes the most level-0 query rows at the capture's plan)."""
+        shared = SharedPrefixes(
+            rows=np.arange(batch_size, dtype=np.int64),
+            qo_indptr=np.array([0, batch_size], dtype=np.int32),
+            kv_indptr=np.array([0, 1], dtype=np.int32),
+            kv_indices=np.array([scratch_block], dtype=np.int32),
+            skip_pages=np.zeros(batch_size, dtype=np.int64), saved_tokens=0)
+        return cls.pad(shared, batch_size, max_groups, block_size)
+
+
+# the most groups a cascade graph plans level 0 for: FlashInfer's graph-mode prefill sizes its
+# split-KV scratch for (query tiles + groups); at 512 rows and 256 groups that is 568 MB, past
+# the 256 MB workspace. A step with more groups runs eager.
+GRAPH_MAX_GROUPS = 64
+
+
+def graph_max_groups(batch_size: int) -> int:
+    """Groups a cascade graph of batch_size rows has room for (a group has >= 2 rows)."""
+    return max(1, min(batch_size // 2, GRAPH_MAX_GROUPS))
+
+
 class CascadePolicy:
     """When a decode step is worth cascading: the KV bytes it would not read, over the layers
     that use it (the non-sliding ones), at least `min_saved_bytes`.
 
-    Off by default (LOCALSERVE_CASCADE=1 turns it on, =force cascades whenever any prefix is
-    shared; LOCALSERVE_CASCADE_MIN_GB sets the threshold): a cascaded step runs eager, and on
-    the H100 its host work (~17-26 ms for llama-8b at 512 rows) outweighed the KV reads it
-    saved (GPU_NOTES.md, "Shared-prefix (cascade) decode")."""
+    LOCALSERVE_CASCADE: "auto" (default) cascades on the cascade decode graphs only (a step no
+    graph fits reads every row's pages); "1" also runs such steps eager; "force" cascades
+    whenever any prefix is shared; "0" never. LOCALSERVE_CASCADE_MIN_GB sets the threshold.
+    An eager cascaded step costs the host ~17-26 ms of launches for llama-8b
+    (GPU_NOTES.md, "Shared prefix"), a graph replay does not."""
 
     def __init__(self, kv_bytes_per_token: int, min_saved_bytes: int | None = None) -> None:
-        flag = os.environ.get("LOCALSERVE_CASCADE", "0")
+        flag = os.environ.get("LOCALSERVE_CASCADE", "auto")
         self.enabled = flag in ("1", "auto", "force") and kv_bytes_per_token > 0
+        # "auto": only on a cascade decode graph; "1" / "force" also run eager when no
+        # graph fits the step (each layer's launches then cost the host ~0.5 ms)
+        self.eager = flag in ("1", "force")
         gb = os.environ.get("LOCALSERVE_CASCADE_MIN_GB")
         if min_saved_bytes is None:
             min_saved_bytes = (0 if flag == "force" else
@@ -134,6 +197,15 @@ class CascadePolicy:
             self.saved_tokens += found.saved_tokens
         self._memo = (plan, found)
         return found
+
+    def decline(self, plan) -> None:
+        """The step will not cascade after all (no graph for it and eager cascade is off):
+        shared_prefixes(plan) answers None from now on."""
+        found = self.shared_prefixes(plan)
+        if found is not None:
+            self.steps -= 1
+            self.saved_tokens -= found.saved_tokens
+        self._memo = (plan, None)
 
 
 def check_plan(block_size: int, vocab_size: int, rows: int = 4, shared: int = 3) -> Plan:

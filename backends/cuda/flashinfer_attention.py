@@ -9,7 +9,8 @@ window_left = W - 1 (a query at i sees keys i - W < j <= i).
 
 CUDA graphs: `graph_metadata(bs)` builds decode wrappers in FlashInfer's graph mode over fixed
 buffers; `fill_graph_metadata` re-plans them before each replay (host work plus small copies
-into those buffers), the pattern SGLang uses.
+into those buffers), the pattern SGLang uses, skipping plans that would not change
+(flashinfer_graphs.py, also the graph-mode cascade).
 
 Staging (`staging`, set by the backend; staging.py): the plan arrays go to FlashInfer as pinned
 host tensors, which its `plan` copies with non_blocking=True. The prefill plans get the KV
@@ -31,6 +32,7 @@ import torch
 
 from localserve.engine.plan import Plan
 
+from . import flashinfer_graphs
 from .cascade import CascadePolicy, SharedPrefixes
 
 WORKSPACE_BYTES = 256 << 20
@@ -41,20 +43,22 @@ class FlashInferMetadata:
     slot_mapping: torch.Tensor  # long [T]
     wrappers: dict  # sliding (bool) → a planned wrapper
     block_size: int
-    indices: torch.Tensor | None = None  # graph mode: the wrappers' shared page-index buffer
-    indptr: torch.Tensor | None = None  # graph mode: their shared page indptr [bs + 1] buffer
-    last_page_len: torch.Tensor | None = None  # graph mode: their shared [bs] buffer
-    planned: bytes | None = None  # graph mode: the page indptr the wrappers were planned for
     cascade: "CascadeRun | None" = None  # shared-prefix decode (cascade.py): level 0's run
+    # graph mode (flashinfer_graphs.py): the page lists' buffers with the wrapper kinds that
+    # read each, and a cascade graph's level 0
+    page_sets: list | None = None
+    level0: object | None = None
 
 
 @dataclass(slots=True)
 class CascadeRun:
     """Level 0 of a cascaded decode step: `wrapper` planned over the groups' shared pages,
-    `rows` the batch rows in group order (device, long)."""
+    `rows` the batch rows in group order (device, long). In a graph, `rows` is a permutation
+    of all rows and `mask` names those in a group (the merge skips the others)."""
 
     wrapper: object
     rows: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 def paged_kv_arrays(seq_lens: np.ndarray, block_tables: np.ndarray, block_size: int,
@@ -164,61 +168,35 @@ class FlashInferPagedAttention:
         groups = shared.num_groups
         full = np.full(groups, block_size, dtype=np.int32)
         kv_lens = (np.diff(shared.kv_indptr) * block_size).astype(np.int32)
-        qo, kv_indptr, kv_indices, last, kv_lens = (self._host(a, st) for a in (
-            shared.qo_indptr, shared.kv_indptr, shared.kv_indices, full, kv_lens))
-        self.shared.plan(qo, kv_indptr, kv_indices, last, self.num_heads, self.num_kv_heads,
-                         self.head_dim, block_size, causal=False, sm_scale=self.scale,
-                         q_data_type=self.dtype, kv_data_type=self.kv_dtype, seq_lens=kv_lens)
+        self._plan_level0(self.shared, *(self._host(a, st) for a in (
+            shared.qo_indptr, shared.kv_indptr, shared.kv_indices, full, kv_lens)), block_size)
         return CascadeRun(wrapper=self.shared, rows=self._to_device(shared.rows, st))
+
+    def _plan_level0(self, w, qo, kv_indptr, kv_indices, last, kv_lens, block_size: int) -> None:
+        w.plan(qo, kv_indptr, kv_indices, last, self.num_heads, self.num_kv_heads,
+               self.head_dim, block_size, causal=False, sm_scale=self.scale,
+               q_data_type=self.dtype, kv_data_type=self.kv_dtype, seq_lens=kv_lens)
 
     def _plan_decode(self, w, indptr, indices, last, block_size: int, sliding: bool) -> None:
         w.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
                block_size, window_left=self._window_left(sliding), q_data_type=self.dtype,
                kv_data_type=self.kv_dtype, sm_scale=self.scale)
 
-    # -- fixed-shape decode metadata for graphs ----------------------------------------
+    # -- fixed-shape decode metadata for graphs (flashinfer_graphs.py) --------------------
     def graph_metadata(self, batch_size: int, max_blocks: int, block_size: int,
-                       slot_mapping: torch.Tensor) -> FlashInferMetadata:
-        dev = self.device
-        wrappers = {}
-        indices = torch.zeros(batch_size * max_blocks, dtype=torch.int32, device=dev)
-        indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=dev)
-        last = torch.zeros(batch_size, dtype=torch.int32, device=dev)
-        for sliding in self.decode:
-            wrappers[sliding] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
-                paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices,
-                paged_kv_last_page_len_buffer=last,
-            )
-        return FlashInferMetadata(slot_mapping=slot_mapping, wrappers=wrappers,
-                                  block_size=block_size, indices=indices, indptr=indptr,
-                                  last_page_len=last)
+                       slot_mapping: torch.Tensor, cascade: bool = False) -> FlashInferMetadata:
+        return flashinfer_graphs.build(self, batch_size, max_blocks, block_size, slot_mapping,
+                                       cascade)
 
     def fill_graph_metadata(self, meta: FlashInferMetadata, seq_lens: np.ndarray,
-                            block_tables: np.ndarray, staging=None) -> None:
-        """Re-plans the bucket's wrappers for this step, or, when every row spans as many
-        pages as at the last plan, only refreshes the page indices and last-page lengths.
+                            block_tables: np.ndarray, staging=None,
+                            shared: SharedPrefixes | None = None) -> None:
+        flashinfer_graphs.fill(self, meta, seq_lens, block_tables, staging, shared)
 
-        FlashInfer's decode plans (the CUDA-core DecodePlan and the tensor-core PrefillPlan
-        alike) are functions of the page indptr, the head shape and window_left only: the
-        KV length inside a row's last page is read on the device from last_page_len. So a
-        plan for the same page indptr writes the same work partition and the skip is exact;
-        a sequence crosses into a new page once every block_size steps."""
-        indptr, indices, last = paged_kv_arrays(seq_lens, block_tables, meta.block_size)
-        key = indptr.tobytes()
-        if staging is not None and staging.pinned and meta.indices is not None:
-            dev = meta.indices[: len(indices)]
-            dev.copy_(staging.host(indices), non_blocking=True)
-            if key == meta.planned:
-                meta.last_page_len.copy_(staging.host(last), non_blocking=True)
-                return
-            indptr, indices, last = staging.host(indptr), dev, staging.host(last)
-        else:
-            st = staging if staging is not None and staging.enabled else None
-            indptr, indices, last = (self._host(a, st) for a in (indptr, indices, last))
-        for sliding, w in meta.wrappers.items():
-            self._plan_decode(w, indptr, indices, last, meta.block_size, sliding)
-        meta.planned = key
+    @property
+    def graph_cascade(self) -> bool:
+        """Whether decode graphs should be captured with shared-prefix (cascade) decode too."""
+        return self.cascade is not None and self.cascade.enabled
 
     # -- per layer -------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -243,6 +221,6 @@ class FlashInferPagedAttention:
             out, lse = meta.wrappers[sliding].run(q, paged, return_lse=True)
             head, head_lse = c.wrapper.run(q.index_select(0, c.rows), paged, return_lse=True)
             rest, rest_lse = out.index_select(0, c.rows), lse.index_select(0, c.rows)
-            self.fi.merge_state_in_place(rest, rest_lse, head, head_lse)
+            self.fi.merge_state_in_place(rest, rest_lse, head, head_lse, mask=c.mask)
             out.index_copy_(0, c.rows, rest)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -15,6 +15,7 @@ import torch
 
 from localserve.backends.torch_common.model import DecoderModel
 
+from .cascade import graph_max_groups
 from .inputs import DeviceRope, PaddedDecode, make_step
 from .staging import HostStaging
 
@@ -29,11 +30,20 @@ def default_buckets(max_num_seqs: int) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
+def cascade_graph_buckets(buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """The buckets that also get a shared-prefix (cascade) decode graph: every 64 rows from 64
+    and the largest from 16. Each costs another capture and FlashInfer's workspaces, and a
+    step pads up to the next one."""
+    top = max(buckets)
+    return tuple(b for b in buckets if (b >= 64 and b % 64 == 0) or (b == top and b >= 16))
+
+
 class DecodeGraphs:
     def __init__(self, model: DecoderModel, attention, rope: DeviceRope,
                  kv: list[tuple[torch.Tensor, torch.Tensor]], buckets: tuple[int, ...],
                  block_size: int, max_blocks: int, scratch_block: int,
-                 device: torch.device, staging: HostStaging | None = None) -> None:
+                 device: torch.device, staging: HostStaging | None = None,
+                 cascade_buckets: tuple[int, ...] = ()) -> None:
         self.model = model
         self.attention = attention
         self.rope = rope
@@ -50,10 +60,22 @@ class DecodeGraphs:
         self.input_ids, self.positions, self.slot_mapping = self.inputs.unbind(0)
         self.rows = torch.arange(top, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
+        # shared-prefix (cascade) decode graphs, for the buckets in cascade_buckets
+        self.cascade_graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
+        self.cascade_buckets = tuple(sorted(b for b in cascade_buckets if b in self.buckets))
+        self._current = None  # the entry `prepare` filled, which `replay` launches
+        self.cascade_steps = 0  # decode steps prepared on a cascade graph (bench reports)
         self.pool = None
         # the largest first, so smaller graphs fit in the memory pool it leaves
         for bs in reversed(self.buckets):
             self._capture(bs, max_blocks)
+            if bs in self.cascade_buckets:
+                try:
+                    self._capture(bs, max_blocks, cascade=True)
+                except Exception as exc:  # FlashInfer's graph-mode prefill, merge_state's JIT
+                    log.warning("cascade decode graph capture failed, shared-prefix decode "
+                                "steps run eager: %r", exc)
+                    self.cascade_buckets, self.cascade_graphs = (), {}
 
     @property
     def max_batch(self) -> int:
@@ -64,8 +86,9 @@ class DecodeGraphs:
                          self.rows[:bs])
         return self.model.forward(step, self.kv)
 
-    def _capture(self, bs: int, max_blocks: int) -> None:
-        meta = self.attention.graph_metadata(bs, max_blocks, self.block_size, self.slot_mapping[:bs])
+    def _capture(self, bs: int, max_blocks: int, cascade: bool = False) -> None:
+        meta = self.attention.graph_metadata(bs, max_blocks, self.block_size,
+                                             self.slot_mapping[:bs], **({"cascade": True} if cascade else {}))
         self._fill(meta, PaddedDecode.dummy(bs, self.block_size, self.scratch_block), None)
         # warm up on a side stream (lazy inits, autotuning) before capturing
         stream = torch.cuda.Stream(self.device)
@@ -79,9 +102,10 @@ class DecodeGraphs:
             logits = self._forward(bs, meta)
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[bs] = (graph, meta, logits)
+        (self.cascade_graphs if cascade else self.graphs)[bs] = (graph, meta, logits)
 
-    def _fill(self, meta, batch: PaddedDecode, staging: HostStaging | None) -> None:
+    def _fill(self, meta, batch: PaddedDecode, staging: HostStaging | None,
+              shared=None) -> None:
         n = batch.batch_size
         if staging is not None and staging.enabled:
             # the whole [3, top] block in one copy: rows past n are stale, and the graph of
@@ -96,27 +120,44 @@ class DecodeGraphs:
             self.positions[:n].copy_(torch.from_numpy(batch.positions), non_blocking=True)
             self.slot_mapping[:n].copy_(torch.from_numpy(batch.slot_mapping), non_blocking=True)
         fill = self.attention.fill_graph_metadata
-        if getattr(self.attention, "stages_inputs", False):
+        if shared is not None or getattr(meta, "level0", None) is not None:
+            fill(meta, batch.seq_lens, batch.block_tables, staging, shared=shared)
+        elif getattr(self.attention, "stages_inputs", False):
             fill(meta, batch.seq_lens, batch.block_tables, staging)
         else:  # Triton: its own (pageable) copies
             fill(meta, batch.seq_lens, batch.block_tables)
 
-    def bucket_for(self, num_seqs: int) -> int | None:
-        for bs in self.buckets:
+    def bucket_for(self, num_seqs: int, buckets: tuple[int, ...] | None = None) -> int | None:
+        for bs in self.buckets if buckets is None else buckets:
             if bs >= num_seqs:
                 return bs
         return None
 
-    def prepare(self, plan) -> None:
+    def has_cascade(self, num_seqs: int, num_groups: int) -> bool:
+        """Whether a cascade graph can run a decode step of num_seqs sequences in num_groups
+        shared-prefix groups."""
+        bs = self.bucket_for(num_seqs, self.cascade_buckets)
+        return bs is not None and num_groups <= graph_max_groups(bs)
+
+    def prepare(self, plan, shared=None) -> None:
         """Host half of a decode step: the padded inputs into the static buffers of the
-        plan's bucket and its attention metadata (re-planned into fixed buffers)."""
-        bs = self.bucket_for(plan.num_seqs)
-        self._fill(self.graphs[bs][1], PaddedDecode.from_plan(plan, bs, self.scratch_block),
-                   self.staging)
+        plan's bucket and its attention metadata (re-planned into fixed buffers); with
+        `shared` (cascade.SharedPrefixes) the bucket's shared-prefix (cascade) graph."""
+        if shared is None:
+            bs = self.bucket_for(plan.num_seqs)
+            entry = self.graphs[bs]
+        else:
+            bs = self.bucket_for(plan.num_seqs, self.cascade_buckets)
+            entry = self.cascade_graphs[bs]
+            self.cascade_steps += 1
+        self._fill(entry[1], PaddedDecode.from_plan(plan, bs, self.scratch_block),
+                   self.staging, shared)
+        self._current = entry
 
     def replay(self, plan) -> torch.Tensor:
-        """Logits [B, vocab] of a decode-only plan whose inputs `prepare` filled."""
-        graph, _, logits = self.graphs[self.bucket_for(plan.num_seqs)]
+        """Logits [B, vocab] of a decode-only plan whose inputs `prepare` filled (the graph
+        prepare chose; replaying again re-runs the same inputs)."""
+        graph, _, logits = self._current or self.graphs[self.bucket_for(plan.num_seqs)]
         graph.replay()
         return logits[: plan.num_seqs]
 

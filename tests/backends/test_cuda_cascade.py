@@ -6,7 +6,13 @@ scripts/cascade_bench.py measures it."""
 import numpy as np
 import pytest
 
-from localserve.backends.cuda.cascade import CascadePolicy, check_plan, find_shared_prefixes
+from localserve.backends.cuda.cascade import (
+    CascadePolicy,
+    GraphCascade,
+    check_plan,
+    find_shared_prefixes,
+    graph_max_groups,
+)
 from localserve.backends.cuda.flashinfer_attention import paged_kv_arrays
 
 BS = 16
@@ -103,9 +109,13 @@ def test_policy_weighs_saved_bytes(monkeypatch):
     assert CascadePolicy(1000).shared_prefixes(plan) is None  # far below the 2 GiB default
     monkeypatch.setenv("LOCALSERVE_CASCADE", "force")
     assert CascadePolicy(1000).shared_prefixes(plan) is not None
-    monkeypatch.delenv("LOCALSERVE_CASCADE")  # off by default
-    assert not CascadePolicy(1000).enabled
-    assert CascadePolicy(1000, min_saved_bytes=0).shared_prefixes(plan) is None
+    assert CascadePolicy(1000).eager
+    monkeypatch.delenv("LOCALSERVE_CASCADE")  # "auto" by default: on, cascade graphs only
+    auto = CascadePolicy(1000, min_saved_bytes=0)
+    assert auto.enabled and not auto.eager
+    assert auto.shared_prefixes(plan) is not None and auto.steps == 1
+    auto.decline(plan)  # no graph for the step: it reads every row's pages
+    assert auto.shared_prefixes(plan) is None and auto.steps == 0 and auto.saved_tokens == 0
     monkeypatch.setenv("LOCALSERVE_CASCADE", "0")
     assert CascadePolicy(1000, min_saved_bytes=0).shared_prefixes(plan) is None
 
@@ -116,3 +126,46 @@ def test_check_plan_rows_share_all_but_their_last_page():
     assert sp.num_groups == 1 and sp.kv_indices.tolist() == [0, 1, 2]
     assert (plan.slot_mapping // BS == plan.block_tables[:, 3]).all()
     assert plan.is_decode_only
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_graph_padding_keeps_groups_and_permutes_every_row(seed):
+    """A cascade graph's level 0 in fixed shapes (GraphCascade.pad): the real groups first,
+    then empty ones; every row of the padded batch exactly once, grouped rows first in group
+    order; the mask names exactly the grouped rows."""
+    rng = np.random.default_rng(100 + seed)
+    sp = None
+    while sp is None:  # a draw with at least one group
+        lens, tables, rows = random_batch(rng, int(rng.integers(1, 5)), int(rng.integers(0, 4)))
+        sp = find_shared_prefixes(lens, tables, BS)
+    bucket = len(rows) + int(rng.integers(0, 9))  # pad rows past the plan's
+    groups = graph_max_groups(bucket)
+    gc = GraphCascade.pad(sp, bucket, groups, BS)
+    g = sp.num_groups
+    assert len(gc.qo_indptr) == len(gc.kv_indptr) == groups + 1
+    assert np.array_equal(gc.qo_indptr[: g + 1], sp.qo_indptr)
+    assert np.array_equal(gc.kv_indptr[: g + 1], sp.kv_indptr)
+    assert (gc.qo_indptr[g:] == sp.qo_indptr[-1]).all()  # empty groups: no rows, no pages
+    assert (gc.kv_indptr[g:] == sp.kv_indptr[-1]).all()
+    assert np.array_equal(gc.kv_lens, np.diff(gc.kv_indptr) * BS)
+    assert sorted(gc.rows.tolist()) == list(range(bucket))
+    n = len(sp.rows)
+    assert np.array_equal(gc.rows[:n], sp.rows)
+    assert gc.mask[:n].all() and not gc.mask[n:].any()
+
+
+def test_graph_dummy_puts_every_row_in_one_group_over_one_page():
+    gc = GraphCascade.dummy(8, graph_max_groups(8), BS, scratch_block=77)
+    assert gc.qo_indptr.tolist() == [0, 8, 8, 8, 8]
+    assert gc.kv_indptr.tolist() == [0, 1, 1, 1, 1]
+    assert gc.kv_indices.tolist() == [77]
+    assert gc.mask.all() and gc.rows.tolist() == list(range(8))
+
+
+def test_cascade_graph_buckets_every_64_and_the_largest():
+    from localserve.backends.cuda.graphs import cascade_graph_buckets, default_buckets
+
+    assert cascade_graph_buckets(default_buckets(512)) == (64, 128, 192, 256, 320, 384, 448, 512)
+    assert cascade_graph_buckets(default_buckets(100)) == (64, 100)
+    assert cascade_graph_buckets(default_buckets(32)) == (32,)
+    assert cascade_graph_buckets(default_buckets(8)) == ()
