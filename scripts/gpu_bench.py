@@ -31,13 +31,14 @@ from gpu_harness import Bench  # noqa: E402  (importing it maps localserve.backe
 class Show(Bench):
     """Show a-f of issue 4 and the profile, on the harness."""
 
-    def llama(self) -> dict:
-        """a, b (ours), d, f on one llama-3.1-8b backend; then HF transformers on b's shape."""
+    def llama(self, weight_format: str = "auto", parts: tuple[str, ...] = ("a", "b", "d", "f")) -> dict:
+        """a, b (ours), d, f on one llama-3.1-8b backend; then HF transformers on b's shape.
+        `weight_format="fp8"`: the same with FP8 weights (--fp8: a and b)."""
         res = {}
         model = self.models["llama"]
         max_seqs = 8 if self.cpu else 512
         max_tokens = 256 if self.cpu else 8192
-        be, cfg, load_s = self.backend(model, max_seqs, max_tokens)
+        be, cfg, load_s = self.backend(model, max_seqs, max_tokens, weight_format=weight_format)
         eng, kv_s = self.engine(be, cfg, max_seqs, max_tokens)
         res["load"] = {"weights_s": round(load_s, 1), "kv_and_graphs_s": round(kv_s, 1),
                        **be.describe()}
@@ -46,6 +47,8 @@ class Show(Bench):
         self.save()
         for key, fn, est in (("a_bs1_decode", self.show_a, 20), ("b_offline", self.show_b, 60),
                              ("d_shared_prefix", self.show_d, 90), ("f_online", self.show_f, 60)):
+            if key[0] not in parts:
+                continue
             if self.left() < est + 10:
                 res[key] = {"skipped": f"{self.left():.0f}s left"}
                 continue
@@ -62,6 +65,31 @@ class Show(Bench):
         eng = be = None
         self.free()
         return res
+
+    def fp8_check(self) -> dict:
+        """FP8 weights (backends/cuda/fp8.py) on the device: the Triton row quantizer vs the
+        torch route (the same e4m3 codes expected), and an Fp8Linear of llama's gate|up shape
+        against the dense bf16 product."""
+        import torch
+
+        from localserve.backends.cuda import fp8
+
+        if self.cpu or not fp8.fp8_supported(torch.device("cuda")):
+            return {"skipped": "needs an FP8 GPU"}
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(512, 4096, generator=g, device="cuda").mul_(
+            torch.logspace(-2, 2, 512, device="cuda")[:, None]).bfloat16()
+        q, sc = fp8._quantize_rows_triton(x)
+        amax = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12)
+        s2 = amax / fp8.FP8_MAX
+        q2 = (x.float() / s2).to(fp8.FP8)
+        w = torch.randn(28672, 4096, generator=g, device="cuda").mul_(0.02).bfloat16()
+        y = fp8.Fp8Linear(w)(x)
+        dense = x.float() @ w.float().t()
+        rel = ((y.float() - dense).norm(dim=1) / dense.norm(dim=1)).max()
+        return {"quantizer_codes_differing": int((q.view(torch.uint8) != q2.view(torch.uint8)).sum()),
+                "quantizer_scale_max_rel_diff": float(((sc - s2).abs() / s2).max()),
+                "linear_max_row_rel_err_vs_bf16": round(float(rel), 4)}
 
     def show_a(self, be, cfg, eng) -> dict:
         """bs=1 decode, 128 -> 512 tokens, through the engine; plus the graph replay alone."""
@@ -432,6 +460,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="conformance, a, e; save JIT caches")
     ap.add_argument("--profile", action="store_true",
                     help="conformance, then where the time goes (host parts, kernels, TC A/B)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="a and b with FP8 weights (weight_format fp8), then with bf16")
     ap.add_argument("--chart", nargs=2, metavar=("JSON", "PNG"),
                     help="draw the chart of a result JSON (needs matplotlib) and exit")
     args = ap.parse_args()
@@ -447,7 +477,11 @@ def main() -> None:
     b.section("conformance", 30, b.conformance)
     if not args.cpu:
         b.section("caches", 5, b.save_caches)
-    if args.profile:
+    if args.fp8:
+        b.section("fp8_check", 10, b.fp8_check)
+        b.section("llama_fp8", 90, b.llama, "fp8", ("a", "b"))
+        b.section("llama", 90, b.llama, "auto", ("a", "b"))
+    elif args.profile:
         b.section("profile", 90, b.profile)
         b.section("e_idle", 45, b.show_e_profiled)
     elif args.smoke:

@@ -123,7 +123,8 @@ class Bench:
     def device(self):
         return "cpu" if self.cpu else None
 
-    def backend(self, model: str, max_num_seqs: int, max_tokens: int, compile: str = "auto"):
+    def backend(self, model: str, max_num_seqs: int, max_tokens: int, compile: str = "auto",
+                weight_format: str = "auto"):
         from localserve.backends.cuda import CUDABackend
         from localserve.engine.backend import BackendConfig
         from localserve.models.loader import load_weights
@@ -132,6 +133,7 @@ class Bench:
         be = CUDABackend(device=self.device)
         t = time.monotonic()
         be.load(w, BackendConfig(dtype="float32" if self.cpu else "bfloat16", compile=compile,
+                                 weight_format=weight_format,
                                  memory_utilization=0.9, max_num_batched_tokens=max_tokens,
                                  max_num_seqs=max_num_seqs))
         return be, w.config, time.monotonic() - t

@@ -40,6 +40,7 @@ from .graphs import DecodeGraphs, capture_or_none, cascade_graph_buckets, defaul
 from .inputs import DeviceRope, DeviceTorchAttention, step_inputs
 from .overlap import SubmittedStep, sample_on_device
 from .staging import HostStaging
+from .fp8 import fp8_supported, to_fp8
 from .weights import build_device_weights
 
 log = logging.getLogger("localserve.backends.cuda")
@@ -104,10 +105,25 @@ class CUDABackend:
         self.kv_dtype = _DTYPES.get(cfg.kv_dtype, dtype)
         self.weights = model
         w = build_device_weights(model, dtype, self.device)
+        self.weight_format = self._weight_format(cfg, w)
         mc = model.config
         self.model = FusedDecoderModel(mc, w, None, dtype)  # attention chosen below
         self.rope = DeviceRope(self.model, mc.max_context, self.device)
         self._select_attention(self._attention_candidates(dtype))
+
+    def _weight_format(self, cfg: BackendConfig, w) -> str:
+        """"fp8": the decoder layers' linears in e4m3 (fp8.py) where the GPU has FP8 tensor
+        cores; every other format computes dense in the compute dtype."""
+        if cfg.weight_format != "fp8":
+            return "dense"
+        if not fp8_supported(self.device) or self._dtype(cfg) == torch.float32:
+            self.fallbacks.append("fp8 weights: need an FP8 GPU (compute capability 8.9+) "
+                                  "and a bf16/fp16 dtype; dense instead")
+            return "dense"
+        converted = to_fp8(w)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the dense weights go back to the driver
+        return f"fp8 ({converted} linears)"
 
     def _dtype(self, cfg: BackendConfig) -> torch.dtype:
         if cfg.dtype in _DTYPES:
@@ -463,6 +479,7 @@ class CUDABackend:
             "device": str(self.device),
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "dtype": str(self.model.dtype).removeprefix("torch.") if self.model else None,
+            "weights": getattr(self, "weight_format", "dense"),
             "attention": self.attention_name,
             "cuda_graphs": list(self.graphs.buckets) if self.graphs else [],
             "fallbacks": list(self.fallbacks),

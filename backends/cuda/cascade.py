@@ -31,8 +31,8 @@ from localserve.engine.plan import Plan, SamplingRow
 from localserve.engine.sampling_params import SamplingParams
 
 # default of LOCALSERVE_CASCADE_MIN_GB: cascade when a step saves at least this many bytes of
-# KV reads (~0.7 ms of H100 bandwidth); below it the eager step it needs (no decode graphs)
-# costs about what it saves
+# KV reads (~0.7 ms of H100 bandwidth); below it the cascade's extra kernels per layer (query
+# permutation, level-0 prefill, merge, write-back: ~0.5 ms a step in a graph) eat the saving
 DEFAULT_MIN_SAVED_BYTES = 2 << 30
 
 

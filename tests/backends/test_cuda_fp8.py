@@ -1,0 +1,56 @@
+"""FP8 weights (backends/cuda/fp8.py): the row-wise scaling of weights and activations around
+torch._scaled_mm, checked on the CPU (torch runs _scaled_mm there too); the H100 run is in
+scripts/gpu_bench.py --fp8 (BENCHMARKS.md)."""
+
+import pytest
+import torch
+
+from localserve.backends.cuda.fp8 import FP8_MAX, Fp8Linear, quantize_rows, to_fp8
+from localserve.backends.torch_common.layers import DenseLinear
+from localserve.backends.torch_common.weights import LayerWeights
+
+
+def test_quantize_rows_scales_each_row_to_the_e4m3_range():
+    x = torch.randn(7, 64) * torch.logspace(-3, 3, 7)[:, None]
+    q, s = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (7, 1)
+    assert torch.allclose(q.float().abs().amax(dim=1), torch.full((7,), FP8_MAX))
+    rel = ((q.float() * s - x).abs() / x.abs().amax(dim=1, keepdim=True)).max()
+    assert rel < 2 ** -4  # e4m3: 3 mantissa bits
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_is_the_product_of_the_dequantized_operands(bias):
+    torch.manual_seed(0)
+    w = torch.randn(48, 96, dtype=torch.bfloat16)
+    b = torch.randn(48, dtype=torch.bfloat16) if bias else None
+    x = torch.randn(2, 5, 96, dtype=torch.bfloat16)
+    y = Fp8Linear(w, b)(x)
+    assert y.shape == (2, 5, 48) and y.dtype == torch.bfloat16
+    xq, sx = quantize_rows(x.reshape(-1, 96))
+    wq, sw = quantize_rows(w)
+    ref = (xq.float() * sx) @ (wq.float() * sw).t()
+    if bias:
+        ref = ref + b.float()
+    ref = ref.reshape(2, 5, 48)
+    assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()  # bf16 output rounding
+    dense = x.float() @ w.float().t() + (b.float() if bias else 0)
+    assert (y.float() - dense).abs().max() <= 0.08 * dense.abs().max()  # e4m3's own error
+
+
+def test_to_fp8_converts_the_layer_linears_it_can():
+    def dense(n, k):
+        return DenseLinear(torch.randn(n, k, dtype=torch.bfloat16))
+
+    layer = LayerWeights(attn_norm=torch.ones(32), qkv=dense(64, 32), q_norm=None, k_norm=None,
+                         o_proj=dense(32, 32), post_attn_norm=None, ffn_norm=torch.ones(32),
+                         gate_up=dense(128, 32), down=dense(32, 40),  # 40: not a multiple of 16
+                         post_ffw_norm=None)
+
+    class W:
+        layers = [layer]
+
+    assert to_fp8(W) == 3
+    assert isinstance(layer.qkv, Fp8Linear) and isinstance(layer.gate_up, Fp8Linear)
+    assert isinstance(layer.down, DenseLinear) and layer.down.weight is not None
+    assert layer.qkv.out_features == 64
