@@ -31,12 +31,13 @@ from gpu_harness import Bench  # noqa: E402  (importing it maps localserve.backe
 class Show(Bench):
     """Show a-f of issue 4 and the profile, on the harness."""
 
-    def llama(self, weight_format: str = "auto", parts: tuple[str, ...] = ("a", "b", "d", "f")) -> dict:
+    def llama(self, weight_format: str = "auto", parts: tuple[str, ...] = ("a", "b", "d", "f"),
+              max_seqs: int = 512) -> dict:
         """a, b (ours), d, f on one llama-3.1-8b backend; then HF transformers on b's shape.
         `weight_format="fp8"`: the same with FP8 weights (--fp8: a and b)."""
         res = {}
         model = self.models["llama"]
-        max_seqs = 8 if self.cpu else 512
+        max_seqs = 8 if self.cpu else max_seqs
         max_tokens = 256 if self.cpu else 8192
         be, cfg, load_s = self.backend(model, max_seqs, max_tokens, weight_format=weight_format)
         eng, kv_s = self.engine(be, cfg, max_seqs, max_tokens)

@@ -33,7 +33,7 @@ from localserve.errors import ModelLoadError
 from localserve.models.weights import LoadedWeights
 
 from . import device as gpu
-from .batch_shape import MAX_GRAPH_BATCH, BatchShape, recommend_batch_shape
+from .batch_shape import MAX_GRAPH_BATCH, BatchShape, recommend_batch_shape, workspace_bytes
 from .cascade import CascadePolicy, check_cascade, check_plan
 from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, cascade_graph_buckets, default_buckets
@@ -151,8 +151,10 @@ class CUDABackend:
         if kind == "flashinfer":
             from .flashinfer_attention import FlashInferPagedAttention
 
-            return FlashInferPagedAttention(*args, self.model.dtype, self.kv_dtype, self.device,
-                                            backend=os.environ.get("LOCALSERVE_FLASHINFER_BACKEND", "fa2"))
+            return FlashInferPagedAttention(
+                *args, self.model.dtype, self.kv_dtype, self.device,
+                backend=os.environ.get("LOCALSERVE_FLASHINFER_BACKEND", "fa2"),
+                workspace_bytes=workspace_bytes(min(self.cfg.max_num_seqs, MAX_GRAPH_BATCH)))
         if kind == "triton":
             from localserve.backends.triton_kernels import triton_available
 

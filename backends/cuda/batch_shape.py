@@ -16,17 +16,24 @@ because at that size the GPU, not the launch, is the limit.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-# the largest decode graph: FlashInfer's tensor-core decode plan at bs 1,024 needs 335 MB of
-# split-KV scratch (batch_prefill_tmp_v), more than the 256 MiB workspace (measured, run 6)
-MAX_GRAPH_BATCH = 512
+# the largest decode graph (LOCALSERVE_MAX_GRAPH_BATCH overrides): FlashInfer's tensor-core
+# decode plan at bs 1,024 needs 335 MB of split-KV scratch (batch_prefill_tmp_v), so graphs
+# past 512 get a 512 MiB workspace (`workspace_bytes`) instead of 256 MiB
+MAX_GRAPH_BATCH = int(os.environ.get("LOCALSERVE_MAX_GRAPH_BATCH", "512"))
 MAX_NUM_SEQS = 1024  # the most sequences recommended (measured up to here)
 
 # measured best on the H100 for Show b (1,000 prompts, 4-400 in, 4-358 out), run 6:
 # 512 x 8,192 12.6k out tok/s, 1,024 x 8,192 13.47k (+6.9%), 1,024 x 16,384 13.3k
 RECOMMENDED_MAX_NUM_SEQS = 1024
 RECOMMENDED_MAX_NUM_BATCHED_TOKENS = 8192
+
+
+def workspace_bytes(max_graph_batch: int) -> int:
+    """FlashInfer's float workspace for decode graphs up to max_graph_batch rows."""
+    return (512 << 20) if max_graph_batch > 512 else (256 << 20)
 
 
 @dataclass(slots=True, frozen=True)

@@ -87,7 +87,8 @@ class FlashInferPagedAttention:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None, dtype: torch.dtype, kv_dtype: torch.dtype,
-                 device: torch.device, backend: str = "fa2") -> None:
+                 device: torch.device, backend: str = "fa2",
+                 workspace_bytes: int = WORKSPACE_BYTES) -> None:
         import flashinfer
 
         self.fi = flashinfer
@@ -105,7 +106,7 @@ class FlashInferPagedAttention:
         # heads, as SGLang does; it also shares their JIT module, one compile fewer
         flag = os.environ.get("LOCALSERVE_FI_TENSOR_CORES", "auto")  # "0" / "1": for A/B runs
         self.tensor_cores = num_heads // num_kv_heads >= 4 if flag == "auto" else flag == "1"
-        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=device)
         kinds = [False, True] if sliding_window else [False]
         self.prefill = {s: flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self.workspace, "NHD", backend=backend) for s in kinds}
