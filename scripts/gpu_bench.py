@@ -480,8 +480,10 @@ def main() -> None:
         b.section("caches", 5, b.save_caches)
     if args.fp8:
         b.section("fp8_check", 10, b.fp8_check)
-        b.section("llama_fp8", 90, b.llama, "fp8", ("a", "b"))
-        b.section("llama", 90, b.llama, "auto", ("a", "b"))
+        # with LOCALSERVE_MAX_GRAPH_BATCH past 512 the backend is sized for b's 1,024 rows
+        seqs = 1024 if int(os.environ.get("LOCALSERVE_MAX_GRAPH_BATCH", "512")) > 512 else 512
+        b.section("llama_fp8", 90, b.llama, "fp8", ("a", "b"), seqs)
+        b.section("llama", 90, b.llama, "auto", ("a", "b"), seqs)
     elif args.profile:
         b.section("profile", 90, b.profile)
         b.section("e_idle", 45, b.show_e_profiled)

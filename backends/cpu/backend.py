@@ -19,6 +19,7 @@ from localserve.backends.torch_common.sampling import sample
 from localserve.backends.torch_common.weights import WeightFormat, build_torch_weights
 from localserve.engine.backend import BackendConfig, Buckets, DeviceInfo
 from localserve.engine.plan import ForwardOutput, Plan
+from localserve.errors import ModelLoadError
 from localserve.models.weights import LoadedWeights
 
 from .compiled import CompiledDecode
@@ -56,6 +57,9 @@ class CPUBackend:
         self.cfg = cfg
         torch.set_num_threads(cfg.num_threads or physical_cores())
         dtype = _DTYPES.get(cfg.dtype, torch.float32)  # "auto": float32 activations
+        if cfg.weight_format == "fp8":
+            raise ModelLoadError(model.source, "fp8 weights need an NVIDIA GPU with FP8 tensor "
+                                 "cores (the cuda backend); use --weights auto on the CPU")
         fmt_name = AUTO_WEIGHT_FORMAT if cfg.weight_format == "auto" else cfg.weight_format
         weights = build_torch_weights(model, WeightFormat.parse(fmt_name), dtype)
         mc = model.config

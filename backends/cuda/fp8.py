@@ -22,7 +22,9 @@ FP8_MAX = 448.0
 
 
 def fp8_supported(device: torch.device) -> bool:
-    return (device.type == "cuda" and hasattr(torch, "float8_e4m3fn")
+    """NVIDIA compute capability 8.9+ (ROCm's FP8 is the e4m3fnuz variant: not this path)."""
+    return (device.type == "cuda" and torch.version.hip is None
+            and hasattr(torch, "float8_e4m3fn")
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
 

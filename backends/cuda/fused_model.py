@@ -42,9 +42,13 @@ class FusedDecoderModel(DecoderModel):
         self.tables = tables
         self.fused = True
 
-    def forward(self, step, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, step, kv: list[tuple[torch.Tensor, torch.Tensor]],
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits float32 [S, vocab]; into `out` when given (the decode graphs' one shared
+        buffer: a graph's own output would stay allocated for as long as the graph lives)."""
         if not self.fused:
-            return super().forward(step, kv)
+            logits = super().forward(step, kv)
+            return logits if out is None else out.copy_(logits)
         K = self.kernels
         eps = self.cfg.rms_norm_eps
         residual = self.w.embed(step.input_ids).contiguous()  # a fresh tensor: updated in place
@@ -56,10 +60,11 @@ class FusedDecoderModel(DecoderModel):
         rows = step.logits_rows
         r = residual[rows]
         x = K.add_rms_norm(delta[rows], r, self.w.final_norm, eps)
-        out = self.w.lm_head(x).float()
+        y = self.w.lm_head(x)
+        out = y.float() if out is None else out.copy_(y)  # the cast is the copy
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
-            out = torch.tanh(out / cap) * cap
+            out.div_(cap).tanh_().mul_(cap)
         return out
 
     def _fused_layer(self, i: int, lw: LayerWeights, delta, residual: torch.Tensor, step,

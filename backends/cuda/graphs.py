@@ -59,6 +59,9 @@ class DecodeGraphs:
         self.inputs = torch.zeros((3, top), dtype=torch.long, device=device)
         self.input_ids, self.positions, self.slot_mapping = self.inputs.unbind(0)
         self.rows = torch.arange(top, dtype=torch.long, device=device)
+        # every graph writes its logits here (rows [:bs]): one [top, vocab] float32 buffer
+        # instead of one per graph, which summed to ~4 GB for llama's buckets up to 512
+        self.logits = torch.empty((top, model.cfg.vocab_size), dtype=torch.float32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
         # shared-prefix (cascade) decode graphs, for the buckets in cascade_buckets
         self.cascade_graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
@@ -84,7 +87,7 @@ class DecodeGraphs:
     def _forward(self, bs: int, meta) -> torch.Tensor:
         step = make_step(self.model, self.rope, self.input_ids[:bs], self.positions[:bs], meta,
                          self.rows[:bs])
-        return self.model.forward(step, self.kv)
+        return self.model.forward(step, self.kv, out=self.logits[:bs])
 
     def _capture(self, bs: int, max_blocks: int, cascade: bool = False) -> None:
         meta = self.attention.graph_metadata(bs, max_blocks, self.block_size,

@@ -37,6 +37,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all physical cores)")
     p.add_argument("--kv-memory", type=float, default=None,
                    help="fraction of free memory for KV pages (default: 0.25)")
+    p.add_argument("--weights", default=None,
+                   help="auto|fp8: fp8 runs the layers' weights in e4m3 on NVIDIA GPUs with FP8 "
+                        "tensor cores (default: auto, the backend's own)")
     p.add_argument("--cors-origin", dest="cors_origins", action="append", default=None,
                    help="allow this browser origin (default: localhost origins only); repeatable")
     p.add_argument("--max-body-mb", type=int, default=None, help="request body limit in MiB (default: 32)")
@@ -58,7 +61,8 @@ def run_up(args: argparse.Namespace) -> int:
 
     flags = {k: getattr(args, k, None) for k in ("model", "host", "port", "backend", "ctx", "max_running",
                                                   "max_queued", "api_keys", "served_model_name", "threads",
-                                                  "kv_memory", "cors_origins", "max_body_mb", "log_level")}
+                                                  "kv_memory", "weights", "cors_origins", "max_body_mb",
+                                                  "log_level")}
     try:
         settings = resolve_settings(flags)
     except SettingsError as exc:
@@ -115,7 +119,7 @@ def _load(state, settings, name: str, url: str) -> None:
     from localserve.server.served_model import ServedModel
 
     backend_cfg = BackendConfig(num_threads=settings.threads, memory_utilization=settings.kv_memory,
-                                max_num_seqs=settings.max_running)
+                                max_num_seqs=settings.max_running, weight_format=settings.weights)
     engine_cfg = EngineConfig(max_num_seqs=settings.max_running, max_context=settings.ctx)
     loaded = load_model(settings.model, backend=settings.backend, backend_cfg=backend_cfg, engine_cfg=engine_cfg,
                         name=name)

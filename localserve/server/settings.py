@@ -26,6 +26,7 @@ class ServeSettings:
     served_model_name: str | None = None
     threads: int | None = None
     kv_memory: float = 0.25  # fraction of free memory the KV pages may take
+    weights: str = "auto"  # "auto" | "fp8" (NVIDIA GPUs with FP8 tensor cores)
     cors_origins: tuple[str, ...] = ()
     max_body_mb: int = 32
     log_level: str = "info"
@@ -58,7 +59,13 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
             values[f.name] = _convert(f.name, f.type, env[env_name(f.name)], env_name(f.name))
         elif f.name in from_file:
             values[f.name] = _convert(f.name, f.type, from_file[f.name], str(path))
-    return ServeSettings(**values)
+    settings = ServeSettings(**values)
+    if settings.weights not in WEIGHT_CHOICES:
+        raise SettingsError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {settings.weights!r}")
+    return settings
+
+
+WEIGHT_CHOICES = ("auto", "fp8")
 
 
 def _read_file(path: Path) -> dict[str, Any]:

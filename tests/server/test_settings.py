@@ -40,3 +40,21 @@ def test_bad_config_file_is_a_clear_error(tmp_path, text, words):
 def test_bad_env_value(tmp_path):
     with pytest.raises(SettingsError, match="LOCALSERVE_PORT"):
         resolve_settings({}, {"LOCALSERVE_PORT": "eighty"}, tmp_path / "none.toml")
+
+
+def test_weights_choice(tmp_path):
+    none = tmp_path / "none.toml"
+    assert resolve_settings({}, {}, none).weights == "auto"
+    assert resolve_settings({}, {"LOCALSERVE_WEIGHTS": "fp8"}, none).weights == "fp8"
+    with pytest.raises(SettingsError, match="weights must be one of auto, fp8"):
+        resolve_settings({"weights": "fp4"}, {}, none)
+
+
+def test_fp8_weights_on_the_cpu_backend_are_a_clear_load_error():
+    from localserve.backends.cpu.backend import CPUBackend
+    from localserve.engine.backend import BackendConfig
+    from localserve.errors import ModelLoadError
+    from localserve.models.loader import load_weights
+
+    with pytest.raises(ModelLoadError, match="fp8 weights need an NVIDIA GPU"):
+        CPUBackend().load(load_weights("random:tiny-llama"), BackendConfig(weight_format="fp8"))
