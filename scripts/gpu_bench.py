@@ -67,31 +67,6 @@ class Show(Bench):
         self.free()
         return res
 
-    def fp8_check(self) -> dict:
-        """FP8 weights (backends/cuda/fp8.py) on the device: the Triton row quantizer vs the
-        torch route (the same e4m3 codes expected), and an Fp8Linear of llama's gate|up shape
-        against the dense bf16 product."""
-        import torch
-
-        from localserve.backends.cuda import fp8
-
-        if self.cpu or not fp8.fp8_supported(torch.device("cuda")):
-            return {"skipped": "needs an FP8 GPU"}
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(512, 4096, generator=g, device="cuda").mul_(
-            torch.logspace(-2, 2, 512, device="cuda")[:, None]).bfloat16()
-        q, sc = fp8._quantize_rows_triton(x)
-        amax = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12)
-        s2 = amax / fp8.FP8_MAX
-        q2 = (x.float() / s2).to(fp8.FP8)
-        w = torch.randn(28672, 4096, generator=g, device="cuda").mul_(0.02).bfloat16()
-        y = fp8.Fp8Linear(w)(x)
-        dense = x.float() @ w.float().t()
-        rel = ((y.float() - dense).norm(dim=1) / dense.norm(dim=1)).max()
-        return {"quantizer_codes_differing": int((q.view(torch.uint8) != q2.view(torch.uint8)).sum()),
-                "quantizer_scale_max_rel_diff": float(((sc - s2).abs() / s2).max()),
-                "linear_max_row_rel_err_vs_bf16": round(float(rel), 4)}
-
     def show_a(self, be, cfg, eng) -> dict:
         """bs=1 decode, 128 -> 512 tokens, through the engine; plus the graph replay alone."""
         n_in, n_out = (16, 24) if self.cpu else (128, 512)

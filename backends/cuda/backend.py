@@ -34,13 +34,13 @@ from localserve.models.weights import LoadedWeights
 
 from . import device as gpu
 from .batch_shape import MAX_GRAPH_BATCH, BatchShape, recommend_batch_shape, workspace_bytes
-from .cascade import CascadePolicy, check_cascade, check_plan
+from .cascade import CascadePolicy, cascade_bytes_per_token, load_check
 from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, cascade_graph_buckets, default_buckets
 from .inputs import DeviceRope, DeviceTorchAttention, step_inputs
 from .overlap import SubmittedStep, sample_on_device
 from .staging import HostStaging
-from .fp8 import fp8_supported, to_fp8
+from .fp8 import apply_weight_format
 from .weights import build_device_weights
 
 log = logging.getLogger("localserve.backends.cuda")
@@ -105,25 +105,12 @@ class CUDABackend:
         self.kv_dtype = _DTYPES.get(cfg.kv_dtype, dtype)
         self.weights = model
         w = build_device_weights(model, dtype, self.device)
-        self.weight_format = self._weight_format(cfg, w)
+        self.weight_format = apply_weight_format(cfg.weight_format, w, self.device, dtype,
+                                                 self.fallbacks)
         mc = model.config
         self.model = FusedDecoderModel(mc, w, None, dtype)  # attention chosen below
         self.rope = DeviceRope(self.model, mc.max_context, self.device)
         self._select_attention(self._attention_candidates(dtype))
-
-    def _weight_format(self, cfg: BackendConfig, w) -> str:
-        """"fp8": the decoder layers' linears in e4m3 (fp8.py) where the GPU has FP8 tensor
-        cores; every other format computes dense in the compute dtype."""
-        if cfg.weight_format != "fp8":
-            return "dense"
-        if not fp8_supported(self.device) or self._dtype(cfg) == torch.float32:
-            self.fallbacks.append("fp8 weights: need an FP8 GPU (compute capability 8.9+) "
-                                  "and a bf16/fp16 dtype; dense instead")
-            return "dense"
-        converted = to_fp8(w)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the dense weights go back to the driver
-        return f"fp8 ({converted} linears)"
 
     def _dtype(self, cfg: BackendConfig) -> torch.dtype:
         if cfg.dtype in _DTYPES:
@@ -174,7 +161,7 @@ class CUDABackend:
                 if hasattr(self.model.attention, "staging"):
                     self.model.attention.staging = self.staging
                 if hasattr(self.model.attention, "cascade"):
-                    self.model.attention.cascade = CascadePolicy(self._cascade_bytes_per_token())
+                    self.model.attention.cascade = CascadePolicy(cascade_bytes_per_token(self.model.cfg, self.kv_dtype))
                 self.attention_name = kind
                 self._choose_fused()
                 return
@@ -207,29 +194,12 @@ class CUDABackend:
         self.fallbacks.append(msg)
         log.warning("attention %s unavailable, falling back: %s", kind, msg)
 
-    def _cascade_bytes_per_token(self) -> int:
-        """KV bytes a shared-prefix token costs a decode step over the layers that cascade
-        (the non-sliding ones): what cascade.CascadePolicy weighs."""
-        mc = self.model.cfg
-        el = torch.empty(0, dtype=self.kv_dtype).element_size()
-        layers = sum(1 for s in mc.layer_is_sliding if not s)
-        return layers * 2 * mc.num_kv_heads * mc.head_dim * el
-
     def _check_cascade(self, kv, block_size: int) -> None:
         """Shared-prefix decode against the plain decode on the warm-up's pages: dropped with
         a logged reason if it fails or disagrees (decode then reads every row's pages)."""
-        att = self.model.attention
-        policy = getattr(att, "cascade", None)
-        if policy is None or not policy.enabled or kv[0][0].shape[0] // block_size < 8:
-            return
-        plan = check_plan(block_size, self.model.cfg.vocab_size)
-        layer = next(i for i, s in enumerate(self.model.cfg.layer_is_sliding) if not s)
-        try:
-            why = check_cascade(att, kv[layer][0], kv[layer][1], plan, policy)
-        except Exception as exc:  # a JIT failure of merge_state, a FlashInfer error
-            why = f"{type(exc).__name__}: {exc}"
+        why = load_check(self.model, kv, block_size)
         if why is not None:
-            att.cascade = None
+            self.model.attention.cascade = None
             self._note_fallback("shared-prefix (cascade) decode", RuntimeError(why))
 
     # -- memory -----------------------------------------------------------------------

@@ -277,3 +277,28 @@ def check_cascade(attention, k_cache, v_cache, plan: Plan, policy: "CascadePolic
         return None
     return (f"cascade differs from fp32 attention by {err:.3g} (plain decode {err_plain:.3g}, "
             f"values up to {scale:.3g})")
+
+
+def cascade_bytes_per_token(cfg, kv_dtype) -> int:
+    """KV bytes a shared-prefix token costs a decode step over the layers that cascade (the
+    non-sliding ones): what CascadePolicy weighs. `cfg` a ModelConfig."""
+    import torch
+
+    el = torch.empty(0, dtype=kv_dtype).element_size()
+    layers = sum(1 for s in cfg.layer_is_sliding if not s)
+    return layers * 2 * cfg.num_kv_heads * cfg.head_dim * el
+
+
+def load_check(model, kv, block_size: int) -> str | None:
+    """The backend's load-time check of cascade decode on the warm-up's pages (`kv`): None when
+    it passes or does not apply, else why it failed."""
+    att = model.attention
+    policy = getattr(att, "cascade", None)
+    if policy is None or not policy.enabled or kv[0][0].shape[0] // block_size < 8:
+        return None
+    plan = check_plan(block_size, model.cfg.vocab_size)
+    layer = next(i for i, s in enumerate(model.cfg.layer_is_sliding) if not s)
+    try:
+        return check_cascade(att, kv[layer][0], kv[layer][1], plan, policy)
+    except Exception as exc:  # a JIT failure of merge_state, a FlashInfer error
+        return f"{type(exc).__name__}: {exc}"

@@ -114,3 +114,20 @@ def to_fp8(weights) -> int:
                 lin.weight = None
                 n += 1
     return n
+
+
+def apply_weight_format(fmt: str, weights, device: torch.device, dtype: torch.dtype,
+                        fallbacks: list[str]) -> str:
+    """The CUDA backend's weight format: "fp8" converts the decoder layers' linears where the
+    GPU has FP8 tensor cores (else a note in `fallbacks`); every other format is dense in the
+    compute dtype. Returns what the backend describes."""
+    if fmt != "fp8":
+        return "dense"
+    if not fp8_supported(device) or dtype == torch.float32:
+        fallbacks.append("fp8 weights: need an FP8 GPU (compute capability 8.9+) and a "
+                         "bf16/fp16 dtype; dense instead")
+        return "dense"
+    converted = to_fp8(weights)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the dense weights go back to the driver
+    return f"fp8 ({converted} linears)"
