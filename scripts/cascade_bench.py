@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_harness import Bench  # noqa: E402  (importing it maps localserve.backends on the device)
+from gpu_harness import Bench, time_calls  # noqa: E402  (importing it maps localserve.backends on the device)
 
 
 def d_prompts(b: Bench, vocab: int):
@@ -172,30 +172,18 @@ def host_profile(b: Bench, be, eng, prompts, outs) -> dict:
     model = be.model
     out = {}
     for label, gc_on in (("gc_on", True), ("gc_off", False)):
-        extra = {"prepare": 0.0, "forward": 0.0}
-        originals = []
-        for obj, attr, key in ((att, "prepare", "prepare"), (model, "forward", "forward")):
-            f = getattr(obj, attr)
-            originals.append((obj, attr))
-
-            def g(*a, _f=f, _k=key, **k):
-                t = time.perf_counter()
-                try:
-                    return _f(*a, **k)
-                finally:
-                    extra[_k] += time.perf_counter() - t
-            setattr(obj, attr, g)
+        extra: dict[str, float] = {}
         if not gc_on:
             gc.collect()
             gc.disable()
         try:
             eng.reset_prefix_cache()
-            ((r, _), host), idle = b.idle_share(be, lambda: b.host_breakdown(
-                eng, lambda: run_collect(b, eng, prompts, outs)))
+            with time_calls([(att, "prepare", "prepare"), (model, "forward", "forward")],
+                            extra, {}):
+                ((r, _), host), idle = b.idle_share(be, lambda: b.host_breakdown(
+                    eng, lambda: run_collect(b, eng, prompts, outs)))
         finally:
             gc.enable()
-            for obj, attr in originals:
-                delattr(obj, attr)
         n = max(1, host.get("steps", 1))
         host.update({k + "_ms": round(v / n * 1e3, 3) for k, v in extra.items()})
         out[label] = {"output_tok_s": r["output_tok_s"], "wall_s": r["wall_s"],

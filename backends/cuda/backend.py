@@ -27,20 +27,19 @@ import torch
 
 from localserve.backends.torch_common.sampling import sample
 from localserve.engine.backend import BackendConfig, Buckets, DeviceInfo
-from localserve.engine.plan import ForwardOutput, Plan, SamplingRow
-from localserve.engine.sampling_params import SamplingParams
+from localserve.engine.plan import ForwardOutput, Plan
 from localserve.errors import ModelLoadError
 from localserve.models.weights import LoadedWeights
 
 from . import device as gpu
 from .batch_shape import MAX_GRAPH_BATCH, BatchShape, recommend_batch_shape, workspace_bytes
 from .cascade import CascadePolicy, cascade_bytes_per_token, load_check
+from .fp8 import apply_weight_format
 from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, cascade_graph_buckets, default_buckets
-from .inputs import DeviceRope, DeviceTorchAttention, step_inputs
+from .inputs import DeviceRope, DeviceTorchAttention, dummy_plans, step_inputs
 from .overlap import SubmittedStep, sample_on_device
 from .staging import HostStaging
-from .fp8 import apply_weight_format
 from .weights import build_device_weights
 
 log = logging.getLogger("localserve.backends.cuda")
@@ -161,7 +160,8 @@ class CUDABackend:
                 if hasattr(self.model.attention, "staging"):
                     self.model.attention.staging = self.staging
                 if hasattr(self.model.attention, "cascade"):
-                    self.model.attention.cascade = CascadePolicy(cascade_bytes_per_token(self.model.cfg, self.kv_dtype))
+                    self.model.attention.cascade = CascadePolicy(
+                        cascade_bytes_per_token(self.model.cfg, self.kv_dtype))
                 self.attention_name = kind
                 self._choose_fused()
                 return
@@ -274,7 +274,7 @@ class CUDABackend:
         lens = np.full(seqs, tokens // seqs, dtype=np.int64)
         lens[: tokens % seqs] += 1
         lens = lens[lens > 0]
-        for plan in _dummy_plans(lens, block_size, self.model.cfg.vocab_size):
+        for plan in dummy_plans(lens, block_size, self.model.cfg.vocab_size):
             step = step_inputs(plan, self.model, self.rope, self.device)
             logits = self.model.forward(step, kv)
             sample(logits, plan.sampling)
@@ -472,31 +472,3 @@ class CUDABackend:
 
     def _peak(self) -> int:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
-
-
-def _dummy_plans(lens: np.ndarray, block_size: int, vocab_size: int) -> tuple[Plan, Plan]:
-    """A cold prefill of sequences of `lens` tokens on consecutive pages, then one decode step
-    of each; every sequence is sampled greedily in both."""
-    nblocks = (lens + block_size) // block_size  # room for the decode token
-    first = np.concatenate([[0], np.cumsum(nblocks)[:-1]])
-    tables = (first[:, None] + np.arange(int(nblocks.max()))[None, :]).astype(np.int32)
-    greedy = SamplingParams(temperature=0.0, max_tokens=2)
-    rows = [SamplingRow(params=greedy, seed=0, step=0) for _ in lens]
-    rng = np.random.default_rng(0)
-
-    def plan(positions: np.ndarray, seq_of_row: np.ndarray, qlens: np.ndarray, seq_lens) -> Plan:
-        slots = tables[seq_of_row, positions // block_size].astype(np.int64) * block_size \
-            + positions % block_size
-        return Plan(
-            seq_ids=list(range(len(lens))),
-            input_ids=rng.integers(0, vocab_size, len(positions)).astype(np.int64),
-            positions=positions.astype(np.int64), slot_mapping=slots,
-            query_start_loc=np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32),
-            seq_lens=np.asarray(seq_lens, dtype=np.int32), block_tables=tables,
-            sample_idx=np.arange(len(lens), dtype=np.int32), sampling=rows, block_size=block_size,
-        )
-
-    prefill = plan(np.concatenate([np.arange(n) for n in lens]),
-                   np.repeat(np.arange(len(lens)), lens), lens, lens)
-    decode = plan(lens.copy(), np.arange(len(lens)), np.ones_like(lens), lens + 1)
-    return prefill, decode

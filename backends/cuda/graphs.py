@@ -90,8 +90,10 @@ class DecodeGraphs:
         return self.model.forward(step, self.kv, out=self.logits[:bs])
 
     def _capture(self, bs: int, max_blocks: int, cascade: bool = False) -> None:
-        meta = self.attention.graph_metadata(bs, max_blocks, self.block_size,
-                                             self.slot_mapping[:bs], **({"cascade": True} if cascade else {}))
+        args = (bs, max_blocks, self.block_size, self.slot_mapping[:bs])
+        # only FlashInfer captures cascade graphs (the backend asks for them with it alone)
+        meta = (self.attention.graph_metadata(*args, cascade=True) if cascade
+                else self.attention.graph_metadata(*args))
         self._fill(meta, PaddedDecode.dummy(bs, self.block_size, self.scratch_block), None)
         # warm up on a side stream (lazy inits, autotuning) before capturing
         stream = torch.cuda.Stream(self.device)
@@ -123,10 +125,8 @@ class DecodeGraphs:
             self.positions[:n].copy_(torch.from_numpy(batch.positions), non_blocking=True)
             self.slot_mapping[:n].copy_(torch.from_numpy(batch.slot_mapping), non_blocking=True)
         fill = self.attention.fill_graph_metadata
-        if shared is not None or getattr(meta, "level0", None) is not None:
+        if getattr(self.attention, "stages_inputs", False):  # FlashInfer (and its cascade)
             fill(meta, batch.seq_lens, batch.block_tables, staging, shared=shared)
-        elif getattr(self.attention, "stages_inputs", False):
-            fill(meta, batch.seq_lens, batch.block_tables, staging)
         else:  # Triton: its own (pageable) copies
             fill(meta, batch.seq_lens, batch.block_tables)
 

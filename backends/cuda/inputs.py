@@ -1,5 +1,6 @@
 """Per-step inputs on the device: the Plan's token rows, rope cos/sin gathered from device
-tables, attention metadata; and the padded decode batch that graph replays read.
+tables, attention metadata; the padded decode batch that graph replays read; and the dummy
+steps the backend warms up with.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from localserve.backends.torch_common.attention import (
     AttentionMetadata, DecodeGroup, KeyView, PrefillChunk, TorchPagedAttention,
 )
 from localserve.backends.torch_common.model import DecoderModel, StepInputs
-from localserve.engine.plan import Plan
+from localserve.engine.plan import Plan, SamplingRow
+from localserve.engine.sampling_params import SamplingParams
 
 from .fused_model import FusedStep
 
@@ -149,3 +151,31 @@ class PaddedDecode:
             seq_lens=np.ones(batch_size, np.int32),
             block_tables=np.full((batch_size, 1), scratch_block, np.int32),
         )
+
+
+def dummy_plans(lens: np.ndarray, block_size: int, vocab_size: int) -> tuple[Plan, Plan]:
+    """Warm-up steps: a cold prefill of sequences of `lens` tokens on consecutive pages, then one decode step
+    of each; every sequence is sampled greedily in both."""
+    nblocks = (lens + block_size) // block_size  # room for the decode token
+    first = np.concatenate([[0], np.cumsum(nblocks)[:-1]])
+    tables = (first[:, None] + np.arange(int(nblocks.max()))[None, :]).astype(np.int32)
+    greedy = SamplingParams(temperature=0.0, max_tokens=2)
+    rows = [SamplingRow(params=greedy, seed=0, step=0) for _ in lens]
+    rng = np.random.default_rng(0)
+
+    def plan(positions: np.ndarray, seq_of_row: np.ndarray, qlens: np.ndarray, seq_lens) -> Plan:
+        slots = tables[seq_of_row, positions // block_size].astype(np.int64) * block_size \
+            + positions % block_size
+        return Plan(
+            seq_ids=list(range(len(lens))),
+            input_ids=rng.integers(0, vocab_size, len(positions)).astype(np.int64),
+            positions=positions.astype(np.int64), slot_mapping=slots,
+            query_start_loc=np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32),
+            seq_lens=np.asarray(seq_lens, dtype=np.int32), block_tables=tables,
+            sample_idx=np.arange(len(lens), dtype=np.int32), sampling=rows, block_size=block_size,
+        )
+
+    prefill = plan(np.concatenate([np.arange(n) for n in lens]),
+                   np.repeat(np.arange(len(lens)), lens), lens, lens)
+    decode = plan(lens.copy(), np.arange(len(lens)), np.ones_like(lens), lens + 1)
+    return prefill, decode
