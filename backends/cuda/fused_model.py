@@ -5,6 +5,10 @@ copies, activation, adds); at batch 1 on an H100 each costs more than the bytes 
 Here a layer is: [add+]RMSNorm, qkv GEMM, rope(+qk-norm)+KV write, attention, o GEMM,
 [gemma post-norm,] add+RMSNorm, gate|up GEMM, act*mul, down GEMM[, gemma post-norm]: ~10.
 
+At batch 1 and 2 the dense linears run the Triton GEMV (triton_kernels/gemv.py), which reads
+weights faster than cuBLAS's kernels for so few rows; the output layer writes its float32
+logits directly. LOCALSERVE_GEMV=0 keeps cuBLAS (for A/B runs).
+
 The residual stream is carried as (delta, residual): each layer returns its MLP output
 unadded and the next layer's first norm adds it (vLLM's fused_add_rms_norm pattern), so the
 add costs no pass of its own. With `fused` False (fp32 conformance, the torch attention,
@@ -13,10 +17,12 @@ no Triton) it is exactly DecoderModel.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
+from localserve.backends.torch_common.layers import DenseLinear
 from localserve.backends.torch_common.model import DecoderModel
 from localserve.backends.torch_common.weights import LayerWeights
 
@@ -30,17 +36,34 @@ class FusedStep:
 
 
 class FusedDecoderModel(DecoderModel):
+    # weights below this many elements stay on cuBLAS at small batches: launch-bound either way
+    GEMV_MIN_ELEMENTS = 1 << 22
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fused = False
         self.tables = None  # a DeviceRope, set by the backend with fused
+        self.gemv = None  # triton_kernels.gemv with fused, unless LOCALSERVE_GEMV=0
 
     def enable_fused(self, tables) -> None:
         from localserve.backends.triton_kernels import fused as K
+        from localserve.backends.triton_kernels import gemv
 
         self.kernels = K
         self.tables = tables
         self.fused = True
+        self.gemv = gemv if os.environ.get("LOCALSERVE_GEMV", "1") != "0" else None
+
+    def linear(self, lin, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """lin(x), through the GEMV for a large dense weight and at most gemv.MAX_M rows;
+        into `out` (float32 logits) when given."""
+        g = self.gemv
+        if (g is not None and 0 < x.shape[0] <= g.MAX_M and isinstance(lin, DenseLinear)
+                and lin.weight.numel() >= self.GEMV_MIN_ELEMENTS and x.stride(-1) == 1
+                and x.dtype == lin.weight.dtype):
+            return g.gemv(x, lin.weight, lin.bias, out=out)
+        y = lin(x)
+        return y if out is None else out.copy_(y)  # into float32 logits: the cast is the copy
 
     def forward(self, step, kv: list[tuple[torch.Tensor, torch.Tensor]],
                 out: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,8 +83,10 @@ class FusedDecoderModel(DecoderModel):
         rows = step.logits_rows
         r = residual[rows]
         x = K.add_rms_norm(delta[rows], r, self.w.final_norm, eps)
-        y = self.w.lm_head(x)
-        out = y.float() if out is None else out.copy_(y)  # the cast is the copy
+        if out is None:
+            out = torch.empty((x.shape[0], self.cfg.vocab_size), dtype=torch.float32,
+                              device=x.device)
+        out = self.linear(self.w.lm_head, x, out)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             out.div_(cap).tanh_().mul_(cap)
@@ -78,7 +103,7 @@ class FusedDecoderModel(DecoderModel):
             x = K.rms_norm(residual, lw.attn_norm, eps)
         else:
             x = K.add_rms_norm(delta, residual, lw.attn_norm, eps)
-        qkv = lw.qkv(x)
+        qkv = self.linear(lw.qkv, x)
         q = qkv[:, :cfg.q_size].unflatten(1, (cfg.num_heads, cfg.head_dim))
         k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
         v = qkv[:, cfg.q_size + cfg.kv_size:].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
@@ -86,11 +111,11 @@ class FusedDecoderModel(DecoderModel):
         meta = step.attn
         q = K.rope_qk_norm_kv_write(q, k, v, step.positions, cos, sin, meta.slot_mapping,
                                     kv[0], kv[1], lw.q_norm, lw.k_norm, eps)
-        o = lw.o_proj(self.attention.attend(q, kv[0], kv[1], meta, sliding))
+        o = self.linear(lw.o_proj, self.attention.attend(q, kv[0], kv[1], meta, sliding))
         if lw.post_attn_norm is not None:
             o = K.rms_norm(o, lw.post_attn_norm, eps)
         x = K.add_rms_norm(o, residual, lw.ffn_norm, eps)
-        d = lw.down(K.act_mul(lw.gate_up(x), cfg.hidden_act))
+        d = self.linear(lw.down, K.act_mul(self.linear(lw.gate_up, x), cfg.hidden_act))
         if lw.post_ffw_norm is not None:
             d = K.rms_norm(d, lw.post_ffw_norm, eps)
         assert d.shape[0] == t
