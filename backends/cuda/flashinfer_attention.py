@@ -178,10 +178,31 @@ class FlashInferPagedAttention:
                self.head_dim, block_size, causal=False, sm_scale=self.scale,
                q_data_type=self.dtype, kv_data_type=self.kv_dtype, seq_lens=kv_lens)
 
-    def _plan_decode(self, w, indptr, indices, last, block_size: int, sliding: bool) -> None:
+    def _plan_decode(self, w, indptr, indices, last, block_size: int, sliding: bool,
+                     no_split: bool = False) -> None:
+        extra = {"disable_split_kv": True} if no_split else {}
         w.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
                block_size, window_left=self._window_left(sliding), q_data_type=self.dtype,
-               kv_data_type=self.kv_dtype, sm_scale=self.scale)
+               kv_data_type=self.kv_dtype, sm_scale=self.scale, **extra)
+
+    def graph_plan_mode(self, batch_size: int) -> str:
+        """How a decode graph of batch_size rows keeps its plan (flashinfer_graphs.py):
+        "fixed" (no split-KV, planned once) for tensor-core decode once rows x KV heads reach
+        LOCALSERVE_FI_NO_SPLIT_MIN (default: 2 CTAs per SM, where FlashInfer's own split search
+        stops splitting); "headroom" for the other tensor-core graphs (LOCALSERVE_FI_HEADROOM=0:
+        "exact" instead, for A/B runs); "exact" for the CUDA-core decode kernel."""
+        if not self.tensor_cores:
+            return "exact"
+        flag = os.environ.get("LOCALSERVE_FI_NO_SPLIT_MIN")
+        if flag is not None:
+            least = int(flag)
+        elif self.device.type == "cuda":
+            least = 2 * torch.cuda.get_device_properties(self.device).multi_processor_count
+        else:
+            least = 256
+        if batch_size * self.num_kv_heads >= least:
+            return "fixed"
+        return "exact" if os.environ.get("LOCALSERVE_FI_HEADROOM") == "0" else "headroom"
 
     # -- fixed-shape decode metadata for graphs (flashinfer_graphs.py) --------------------
     def graph_metadata(self, batch_size: int, max_blocks: int, block_size: int,

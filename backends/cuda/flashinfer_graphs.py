@@ -15,6 +15,22 @@ page is read on the device from last_page_len. So when every row spans as many p
 last plan of the same buffers, the plan is skipped and only the page indices and last-page
 lengths are refreshed: exact, and a sequence crosses into a new page once every block_size
 steps.
+
+Three kinds of plan memo, by the graph's page list (`att.graph_plan_mode(bs)`):
+* "fixed": a tensor-core decode plan with split-KV disabled (one CTA per row and KV head, no
+  merge kernel) depends on the batch size alone, the kernel reading every row's pages and
+  lengths from the buffers. Graphs whose rows x KV heads fill the GPU anyway are planned once,
+  at capture.
+* "headroom": the other tensor-core graphs plan split-KV for HEADROOM_PAGES more pages per row
+  than it has, and keep that plan while no row has more pages than it was planned for. Chunks
+  past a row's true length are empty: the kernel clamps each chunk to the length it reads from
+  the buffers (prefill.cuh: chunk_start = min(..., kv_len)) and the merge gives an empty chunk
+  (lse -inf) no weight. A steady batch re-plans once every HEADROOM_PAGES pages, not whenever
+  any row crosses into a page.
+* "exact": the CUDA-core decode kernel does not clamp its chunks, so its plan must match the
+  pages: re-planned whenever the page indptr changes.
+A page list's three buffers are views of one device arena, so a step's pages go in with one
+copy, after any plan (whose own copies hold the padded indptr).
 """
 
 from __future__ import annotations
@@ -27,20 +43,45 @@ import torch
 from .cascade import GraphCascade, SharedPrefixes, graph_max_groups
 
 
+HEADROOM_PAGES = 8  # pages past each row's own that a "headroom" plan covers
+
+
 @dataclass(slots=True)
 class GraphPages:
-    """One page list's fixed device buffers (what graph-mode wrappers read) and the page indptr
-    they were last planned for."""
+    """One page list's fixed device buffers (what graph-mode wrappers read), views of one
+    arena [indptr | last_page_len | indices]; the plan memo's mode and what the wrappers were
+    last planned for (pages per row; for "exact" the indptr's bytes)."""
 
+    arena: torch.Tensor          # int32 [2 bs + 1 + bs * max_blocks]
     indptr: torch.Tensor         # int32 [bs + 1]
-    indices: torch.Tensor        # int32 [bs * max_blocks]
     last_page_len: torch.Tensor  # int32 [bs]
-    planned: bytes | None = None
+    indices: torch.Tensor        # int32 [bs * max_blocks]
+    mode: str = "exact"          # "fixed" | "headroom" | "exact" (the module's docstring)
+    planned: object = None
 
     @classmethod
-    def zeros(cls, batch_size: int, max_blocks: int, device) -> "GraphPages":
-        z = lambda n: torch.zeros(n, dtype=torch.int32, device=device)  # noqa: E731
-        return cls(z(batch_size + 1), z(batch_size * max_blocks), z(batch_size))
+    def zeros(cls, batch_size: int, max_blocks: int, device, mode: str = "exact") -> "GraphPages":
+        arena = torch.zeros(2 * batch_size + 1 + batch_size * max_blocks, dtype=torch.int32,
+                            device=device)
+        return cls(arena, arena[:batch_size + 1], arena[batch_size + 1:2 * batch_size + 1],
+                   arena[2 * batch_size + 1:], mode)
+
+    def plan_for(self, indptr: np.ndarray, last: np.ndarray, block_size: int):
+        """None while the last plan holds for these pages, else (indptr, last_page_len, memo)
+        to plan the wrappers with (then `planned = memo`)."""
+        if self.mode == "fixed":
+            return None if self.planned is not None else (indptr, last, True)
+        if self.mode == "exact":
+            key = indptr.tobytes()
+            return None if key == self.planned else (indptr, last, key)
+        pages = np.diff(indptr)
+        held = self.planned
+        if held is not None and len(held) == len(pages) and bool((pages <= held).all()):
+            return None
+        pages = pages + HEADROOM_PAGES
+        padded = np.zeros(len(indptr), dtype=np.int32)
+        np.cumsum(pages, out=padded[1:])
+        return padded, np.full(len(last), block_size, dtype=np.int32), pages
 
 
 @dataclass(slots=True)
@@ -63,10 +104,11 @@ def build(att, batch_size: int, max_blocks: int, block_size: int,
 
     dev = att.device
     kinds = tuple(att.decode)  # (False,) or (False, True) with sliding-window layers
+    mode = att.graph_plan_mode(batch_size)
     if cascade:  # level 1 reads each row's own pages; sliding layers read all of them
-        page_sets = [(GraphPages.zeros(batch_size, max_blocks, dev), (k,)) for k in kinds]
+        page_sets = [(GraphPages.zeros(batch_size, max_blocks, dev, mode), (k,)) for k in kinds]
     else:
-        page_sets = [(GraphPages.zeros(batch_size, max_blocks, dev), kinds)]
+        page_sets = [(GraphPages.zeros(batch_size, max_blocks, dev, mode), kinds)]
     wrappers = {}
     for pages, ks in page_sets:
         for k in ks:
@@ -122,22 +164,36 @@ def _pinned(staging) -> bool:
 
 def _fill_pages(att, pages: GraphPages, wrappers, arrays, block_size: int, staging) -> None:
     indptr, indices, last = arrays
-    key = indptr.tobytes()
+    plan = pages.plan_for(indptr, last, block_size)
+    rows, n = len(last), len(indices)
     if _pinned(staging):
-        # the indices go to the device buffer here: FlashInfer's graph-mode plan would copy
-        # host indices with non_blocking=False (a stream sync); its copy onto itself is a no-op
-        dev = pages.indices[: len(indices)]
-        dev.copy_(staging.host(indices), non_blocking=True)
-        if key == pages.planned:
-            pages.last_page_len.copy_(staging.host(last), non_blocking=True)
-            return
-        indptr, indices, last = staging.host(indptr), dev, staging.host(last)
-    else:
-        st = staging if staging is not None and staging.enabled else None
-        indptr, indices, last = (att._host(a, st) for a in (indptr, indices, last))
-    for sliding, w in wrappers:
-        att._plan_decode(w, indptr, indices, last, block_size, sliding)
-    pages.planned = key
+        if plan is not None:
+            # FlashInfer's graph-mode plan would copy host indices with non_blocking=False (a
+            # stream sync): it gets the device view (its copy onto itself is a no-op)
+            p_indptr, p_last, memo = plan
+            for sliding, w in wrappers:
+                att._plan_decode(w, staging.host(p_indptr), pages.indices[:n],
+                                 staging.host(p_last), block_size, sliding,
+                                 no_split=pages.mode == "fixed")
+            pages.planned = memo
+        # the step's pages in one copy, after the plan's own copies (of a padded indptr)
+        host, view = staging.empty(2 * rows + 1 + n, torch.int32)
+        view[:rows + 1] = indptr
+        view[rows + 1:2 * rows + 1] = last
+        view[2 * rows + 1:] = indices
+        pages.arena[:len(view)].copy_(host, non_blocking=True)
+        return
+    st = staging if staging is not None and staging.enabled else None
+    if plan is not None:
+        p_indptr, p_last, memo = plan
+        for sliding, w in wrappers:
+            att._plan_decode(w, att._host(p_indptr, st), att._host(indices, st),
+                             att._host(p_last, st), block_size, sliding,
+                             no_split=pages.mode == "fixed")
+        pages.planned = memo
+    for dst, a in ((pages.indptr, indptr), (pages.last_page_len, last),
+                   (pages.indices[:n], indices)):
+        dst.copy_(att._host(a, st), non_blocking=st is not None)
 
 
 def _fill_level0(att, l0: GraphLevel0, gc: GraphCascade, block_size: int, staging) -> None:

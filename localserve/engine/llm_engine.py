@@ -9,13 +9,17 @@ Synchronous core (every backend):
 
 Overlap scheduling (backends with `execute_async`, EngineConfig.async_scheduling): step N+1 is
 planned and submitted before step N's ids reach the host, so the host's schedule, update and
-detokenize run while the device computes:
+detokenize run while the device computes. In the steady state N and N+1 are in flight when
+a step begins:
 
-    submit(N+1 = schedule())          # decode rows of step N's sequences: placeholder ids
     out_N = handle_N.result()         # the one device-to-host copy
-    deltas = detokenize(update(N, out_N))
+    events = update(N, out_N)
+    submit(N+2 = schedule())          # decode rows of step N+1's sequences: placeholder ids
+    deltas = detokenize(events)       # after the submit: off the path from N's end to N+2
 
-At most one step is in flight past the one being applied. The engine falls back to the
+The device runs N+1 from the end of N, so the host's work between the two (its critical path)
+is update + schedule + submit; detokenizing and the caller's handling of the deltas overlap
+N+1 too. At most one step is in flight past the one being applied. The engine falls back to the
 synchronous order for a step whose sampled rows need their token on the host before the next
 plan (grammar masks, penalties): see Scheduler.can_overlap.
 
@@ -111,7 +115,7 @@ class LLMEngine:
         self._grammar: Any = None  # localserve.engine.grammar.TokenizerGrammar, on first use
         # overlap scheduling; may be switched between steps when nothing is in flight
         self.async_scheduling = _async_scheduling(cfg, backend)
-        self._inflight: tuple[Any, Any] | None = None  # (plan, handle) submitted, not applied
+        self._inflight: list[tuple[Any, Any]] = []  # (plan, handle) submitted, not applied
 
     # -- requests -------------------------------------------------------------------------
     def check_prompt(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -189,11 +193,11 @@ class LLMEngine:
                 self._detok.pop(req.seq_id, None)
 
     def has_unfinished(self) -> bool:
-        return self._inflight is not None or self.scheduler.has_unfinished()
+        return bool(self._inflight) or self.scheduler.has_unfinished()
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[SeqDelta]:
-        if self.async_scheduling or self._inflight is not None:
+        if self.async_scheduling or self._inflight:
             return self._step_overlapped()
         with self._lock:
             plan = self.scheduler.schedule()
@@ -209,35 +213,45 @@ class LLMEngine:
             return self._deltas(events)
 
     def _step_overlapped(self) -> list[SeqDelta]:
-        """Applies one step's result, after submitting the next when it can be planned now."""
+        """Applies the oldest step in flight, after making sure the next is in flight too
+        when it can be planned now; then submits the one after it before detokenizing."""
         with self._lock:
-            if self._inflight is None:
-                plan = self.scheduler.schedule()
-                if plan is None:
-                    return []
-                self._inflight = (plan, None)
-                self._inflight = (plan, self.backend.execute_async(plan))
-            plan, handle = self._inflight
-            nxt = None
             try:
-                if self.async_scheduling and self.scheduler.can_overlap():
-                    nplan = self.scheduler.schedule()
-                    if nplan is not None:
-                        nxt = (nplan, None)
-                        nxt = (nplan, self.backend.execute_async(nplan))
+                if not self._inflight and not self._submit():
+                    return []
+                if len(self._inflight) == 1 and self._can_submit():
+                    self._submit()
+                plan, handle = self._inflight[0]
                 out = handle.result()
             except BaseException:
                 self._discard_inflight()
                 raise
-        with self._lock:
-            self._inflight = nxt
+            self._inflight.pop(0)
             events = self.scheduler.update(plan, out)
+            try:
+                if len(self._inflight) == 1 and self._can_submit():
+                    self._submit()
+            except BaseException:
+                self._discard_inflight()
+                raise
             return self._deltas(events)
+
+    def _can_submit(self) -> bool:
+        return self.async_scheduling and self.scheduler.can_overlap()
+
+    def _submit(self) -> bool:
+        """Plans the next step and launches it; False when there is nothing to run."""
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return False
+        self._inflight.append((plan, None))  # discarded as in flight if the launch fails
+        self._inflight[-1] = (plan, self.backend.execute_async(plan))
+        return True
 
     def _discard_inflight(self) -> None:
         """After a failed step: drops every step in flight (the caller fails the requests)."""
         with self._lock:
-            self._inflight = None
+            self._inflight = []
             self.scheduler.discard_inflight()
 
     def _deltas(self, events: list[TokenEvent]) -> list[SeqDelta]:

@@ -210,3 +210,29 @@ def test_a_prompt_is_a_prefix_hit_for_the_next_planned_step(overlap):
         for d in alone.step():
             want += d.token_ids
     assert got[b] == want and ref  # the hit changes nothing in B's tokens
+
+
+def test_next_step_is_launched_before_this_steps_tokens_are_detokenized(monkeypatch):
+    """The host's critical path between two device steps is update + schedule + submit: a
+    step's deltas are built after the step two ahead of it was submitted, so two steps are
+    in flight whenever the engine waits for one."""
+    eng = toy_engine(True)
+    be = eng.backend
+    for i in range(3):
+        eng.add_request([5 + i, 6, 7], SamplingParams(max_tokens=12, temperature=0.0,
+                                                      ignore_eos=True))
+    seen = []  # (steps submitted, results taken) whenever deltas are built
+    real_deltas = eng._deltas
+
+    def deltas(events):
+        seen.append((be.submitted, be.next_result))
+        return real_deltas(events)
+
+    monkeypatch.setattr(eng, "_deltas", deltas)
+    at_wait = []
+    while eng.has_unfinished():
+        eng.step()
+        at_wait.append(len(eng._inflight))
+    # results 0..k taken, steps 0..k+2 submitted; only the last steps have none left to plan
+    assert len(seen) == 12 and all(sub == taken + 2 for sub, taken in seen[:-2]), seen
+    assert at_wait[:-2] == [2] * (len(at_wait) - 2), at_wait
