@@ -433,6 +433,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=560.0, help="seconds this run may take")
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU with tiny presets")
     ap.add_argument("--only", default="", help="comma-separated sections")
+    ap.add_argument("--parts", default="a,b,d,f", help="the llama section's Show parts")
     ap.add_argument("--smoke", action="store_true", help="conformance, a, e; save JIT caches")
     ap.add_argument("--profile", action="store_true",
                     help="conformance, then where the time goes (host parts, kernels, TC A/B)")
@@ -466,7 +467,7 @@ def main() -> None:
         b.section("llama", 60, b.llama_smoke)
         b.section("e_idle", 40, b.show_e)
     else:
-        b.section("llama", 120, b.llama)
+        b.section("llama", 120, b.llama, "auto", tuple(args.parts.split(",")))
         b.section("hf_peer", 70, b.hf_peer)
         b.section("e_idle", 45, b.show_e)
         b.section("c_nanovllm", 45, b.show_c)

@@ -116,6 +116,8 @@ class LLMEngine:
         # overlap scheduling; may be switched between steps when nothing is in flight
         self.async_scheduling = _async_scheduling(cfg, backend)
         self._inflight: list[tuple[Any, Any]] = []  # (plan, handle) submitted, not applied
+        # submit before detokenizing (LOCALSERVE_EARLY_SUBMIT=0: at the next step's start)
+        self._early_submit = os.environ.get("LOCALSERVE_EARLY_SUBMIT", "1") != "0"
 
     # -- requests -------------------------------------------------------------------------
     def check_prompt(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -229,7 +231,7 @@ class LLMEngine:
             self._inflight.pop(0)
             events = self.scheduler.update(plan, out)
             try:
-                if len(self._inflight) == 1 and self._can_submit():
+                if self._early_submit and len(self._inflight) == 1 and self._can_submit():
                     self._submit()
             except BaseException:
                 self._discard_inflight()
