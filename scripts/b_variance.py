@@ -1,0 +1,87 @@
+"""Why Show b's throughput varies between runs: b (1,000 prompts, all at once) three times on
+one llama-3.1-8b backend and engine, per weight format, each with the GPU idle share, the
+host's parts per step and the longest engine steps (a stall of a JIT compile or of a library's
+first call for a shape shows as one step of hundreds of ms). One device call.
+
+    python3 scripts/b_variance.py --out $OUT --budget 300 [--formats fp8,auto]
+    python3 scripts/b_variance.py --out /tmp/x --cpu     # dry run here, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_harness import Bench  # noqa: E402  (maps localserve.backends on the device)
+
+
+def timed_batch(b: Bench, eng, prompts, outs) -> dict:
+    """b.run_batch with each engine step's wall time kept: the slowest steps."""
+    b.sync()
+    t = time.perf_counter()
+    for p, n in zip(prompts, outs):
+        eng.add_request(p, b.params(n))
+    durations = []
+    got = 0
+    while eng.has_unfinished():
+        s = time.perf_counter()
+        got += sum(len(d.token_ids) for d in eng.step())
+        durations.append(time.perf_counter() - s)
+    wall = time.perf_counter() - t
+    d = np.asarray(durations) * 1e3
+    return {"output_tok_s": round(got / wall, 1), "wall_s": round(wall, 3), "steps": len(d),
+            "step_ms_p50": round(float(np.median(d)), 2),
+            "step_ms_max5": [round(float(x), 1) for x in np.sort(d)[-5:][::-1]],
+            "steps_over_100ms": int((d > 100).sum())}
+
+
+def variance(b: Bench, fmt: str) -> dict:
+    model = b.models["llama"]
+    seqs, tokens = (8, 256) if b.cpu else (512, 8192)
+    be, cfg, load_s = b.backend(model, seqs, tokens, weight_format=fmt)
+    eng, _ = b.engine(be, cfg, seqs, tokens)
+    n = max(8, int(1000 * b.scale))
+    ins, outs = b.sharegpt_like(n)
+    if b.cpu:  # the dry run: short prompts and outputs (Triton's interpreter is slow)
+        ins, outs = np.minimum(ins, 12), np.minimum(outs, 4)
+    prompts = b.rand_prompts(cfg.vocab_size, ins, 0)
+    res = {"weights": be.describe()["weights"], "load_s": round(load_s, 1), "runs": []}
+    for i in range(3):
+        eng.reset_prefix_cache()
+        (r, host), idle = b.idle_share(be, lambda: b.host_breakdown(
+            eng, lambda: timed_batch(b, eng, prompts, outs)))
+        r |= {"gpu_idle_share": round(idle, 4), "host_ms_per_step": host}
+        res["runs"].append(r)
+        b.log(fmt, i, r)
+    b.free(be)
+    eng = be = None
+    b.free()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--budget", type=float, default=300.0)
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--formats", default="fp8,auto")
+    args = ap.parse_args()
+    if args.cpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    b = Bench(args)
+    b.results["command"] = "b_variance: " + b.results["command"]
+    b.section("env", 5, b.env)
+    for fmt in args.formats.split(","):
+        b.section(f"b_{fmt}", 60, variance, b, fmt)
+    b.save()
+
+
+if __name__ == "__main__":
+    main()
