@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +21,14 @@ from gpu_harness import Bench  # noqa: E402  (maps localserve.backends on the de
 
 
 def timed_batch(b: Bench, eng, prompts, outs) -> dict:
-    """b.run_batch with each engine step's wall time kept: the slowest steps."""
-    b.sync()
-    t = time.perf_counter()
-    for p, n in zip(prompts, outs):
-        eng.add_request(p, b.params(n))
-    durations = []
-    got = 0
-    while eng.has_unfinished():
-        s = time.perf_counter()
-        got += sum(len(d.token_ids) for d in eng.step())
-        durations.append(time.perf_counter() - s)
-    wall = time.perf_counter() - t
-    d = np.asarray(durations) * 1e3
-    return {"output_tok_s": round(got / wall, 1), "wall_s": round(wall, 3), "steps": len(d),
-            "step_ms_p50": round(float(np.median(d)), 2),
-            "step_ms_max5": [round(float(x), 1) for x in np.sort(d)[-5:][::-1]],
-            "steps_over_100ms": int((d > 100).sum())}
+    """b.run_batch and its slowest engine steps."""
+    seconds: list[float] = []
+    r = b.run_batch(eng, prompts, outs, seconds)
+    d = np.asarray(seconds) * 1e3
+    return {k: r[k] for k in ("output_tok_s", "wall_s", "steps")} | {
+        "step_ms_p50": round(float(np.median(d)), 2),
+        "step_ms_max5": [round(float(x), 1) for x in np.sort(d)[-5:][::-1]],
+        "steps_over_100ms": int((d > 100).sum())}
 
 
 def variance(b: Bench, fmt: str) -> dict:

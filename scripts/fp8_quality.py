@@ -65,7 +65,7 @@ class RoundedLinear:
         return y if self.bias is None else y + self.bias
 
 
-class Fp8Linear:
+class EmulatedFp8Linear:
     """fp8.Fp8Linear's arithmetic: row-wise e4m3 weight and per-token e4m3 input, the product
     of the dequantized operands in float32 (what _scaled_mm's float32 accumulation gives)."""
 
@@ -123,7 +123,7 @@ def main() -> None:
            "command": " ".join(sys.argv), "model": path.name, "tokens": len(ids)}
     ref = None
     for label, make in (("fp32", None), ("bf16", lambda lin: RoundedLinear(lin, torch.bfloat16)),
-                        ("fp8", Fp8Linear)):
+                        ("fp8", EmulatedFp8Linear)):
         for lw, orig in zip(layers, dense):
             for n, lin in orig.items():
                 setattr(lw, n, lin if make is None else make(lin))

@@ -166,8 +166,9 @@ class Bench:
 
             torch.cuda.synchronize()
 
-    def run_batch(self, eng, prompts, out_lens) -> dict:
-        """All submitted at once; output tokens / wall from submission to the last token."""
+    def run_batch(self, eng, prompts, out_lens, step_seconds: list | None = None) -> dict:
+        """All submitted at once; output tokens / wall from submission to the last token.
+        `step_seconds` (a list) gets each engine step's wall time."""
         before = eng.stats()
         self.sync()
         t = time.perf_counter()
@@ -176,7 +177,10 @@ class Bench:
         steps = 0
         got = 0
         while eng.has_unfinished():
+            s = time.perf_counter()
             got += sum(len(d.token_ids) for d in eng.step())
+            if step_seconds is not None:
+                step_seconds.append(time.perf_counter() - s)
             steps += 1
         wall = time.perf_counter() - t
         assert got == int(sum(out_lens)), (got, int(sum(out_lens)))

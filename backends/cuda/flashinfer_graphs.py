@@ -11,11 +11,8 @@ mask are device buffers too, so the captured merge runs over fixed shapes.
 
 The plan memo: FlashInfer's decode plans and its prefill plan are functions of the page indptr
 (and the query indptr), the head shape and window_left only; the KV length inside a row's last
-page is read on the device from last_page_len. So when every row spans as many pages as at the
-last plan of the same buffers, the plan is skipped and only the page indices and last-page
-lengths are refreshed: exact, and a sequence crosses into a new page once every block_size
-steps.
-
+page is read on the device from last_page_len. So a plan is skipped while it still covers the
+step's pages, and only the page indices and last-page lengths are refreshed.
 Three kinds of plan memo, by the graph's page list (`att.graph_plan_mode(bs)`):
 * "fixed": a tensor-core decode plan with split-KV disabled (one CTA per row and KV head, no
   merge kernel) depends on the batch size alone, the kernel reading every row's pages and

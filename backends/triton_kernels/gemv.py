@@ -89,6 +89,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, y, bias if bias is not None else weight, m, n, k,
         x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, ROUND=y.dtype != weight.dtype, BLOCK_M=m if m <= 2 else 4,
+        HAS_BIAS=bias is not None, ROUND=y.dtype != weight.dtype, BLOCK_M=m,
         BLOCK_N=block_n, BLOCK_K=block_k, F32=_F32, num_warps=warps, num_stages=stages)
     return y
