@@ -39,6 +39,8 @@ from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, cascade_graph_buckets, default_buckets
 from .inputs import DeviceRope, DeviceTorchAttention, dummy_plans, step_inputs
 from .overlap import SubmittedStep, sample_on_device
+from .piecewise import PiecewiseGraphs, max_tokens_default
+from .piecewise import capture_or_none as capture_piecewise
 from .staging import HostStaging
 from .weights import build_device_weights
 
@@ -66,6 +68,7 @@ class CUDABackend:
         self.kv_dtype = torch.bfloat16
         self.rope: DeviceRope | None = None
         self.graphs: DecodeGraphs | None = None
+        self.piecewise: PiecewiseGraphs | None = None  # the other steps' graphs (piecewise.py)
         self.attention_name = ""
         self.fallbacks: list[str] = []  # why each preferred attention was skipped
         self.block_size = 16
@@ -296,7 +299,7 @@ class CUDABackend:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv = []
-        self.graphs = None
+        self.graphs = self.piecewise = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the old pages go back before the new ones are taken
         try:
@@ -318,11 +321,24 @@ class CUDABackend:
                 cascade_buckets=cascade)
             if self.graphs is None:
                 self.fallbacks.append("cuda graphs: capture failed (see the log)")
+        if self._use_piecewise():
+            self.piecewise = capture_piecewise(
+                self.model, self.kv, max_tokens_default(self.cfg.max_num_batched_tokens),
+                num_blocks * block_size, self.device, staging=self.staging,
+                pool=self.graphs.pool if self.graphs is not None else None)
+            if self.piecewise is None:
+                self.fallbacks.append("piecewise cuda graphs: capture failed (see the log)")
 
     def _use_graphs(self) -> bool:
         if self.device.type != "cuda" or self.cfg.compile == "off":
             return False
         return self.attention_name in ("flashinfer", "triton")
+
+    def _use_piecewise(self) -> bool:
+        """Piecewise graphs for the steps decode graphs do not take: with the fused kernels
+        (the layer's halves) and graphs on; LOCALSERVE_PIECEWISE=0 turns them off (A/B runs)."""
+        return (self._use_graphs() and self.model.fused
+                and os.environ.get("LOCALSERVE_PIECEWISE", "1") != "0")
 
     def recommended_batch_shape(self) -> BatchShape:
         """max_num_seqs / max_num_batched_tokens to use where the user set none (batch_shape.py);
@@ -390,6 +406,13 @@ class CUDABackend:
             logits = self.graphs.replay(plan)
             if rows is not None:
                 logits = logits[rows]
+        elif self.piecewise is not None and self.piecewise.fits(plan.num_tokens):
+            self.piecewise.prepare(plan)  # host work: padded inputs, the attention's plan
+            if fill:
+                self._fill_placeholders(self.piecewise.input_ids(), plan)
+            self._mark_staged(placeholders)
+            start = self._event(events)
+            logits = self.piecewise.replay()
         else:
             step = step_inputs(plan, self.model, self.rope, self.device, st)
             if fill:
@@ -437,7 +460,7 @@ class CUDABackend:
         return ev
 
     def close(self) -> None:
-        self.graphs = None
+        self.graphs = self.piecewise = None
         self.kv = []
         self.model = None
         self.rope = None
@@ -454,6 +477,7 @@ class CUDABackend:
             "weights": getattr(self, "weight_format", "dense"),
             "attention": self.attention_name,
             "cuda_graphs": list(self.graphs.buckets) if self.graphs else [],
+            "piecewise_graphs": list(self.piecewise.buckets) if self.piecewise else [],
             "fallbacks": list(self.fallbacks),
             "num_blocks": self.num_blocks,
             "activation_peak_gib": round(self._activation_peak / gpu.GiB, 3),

@@ -230,19 +230,25 @@ class FlashInferPagedAttention:
         return self.attend(q, k_cache, v_cache, meta, sliding)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: FlashInferMetadata, sliding: bool) -> torch.Tensor:
-        """Attention of q over caches that already hold this step's K/V → [T, H * D]."""
+               meta: FlashInferMetadata, sliding: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of q over caches that already hold this step's K/V → [T, H * D] (written
+        into `out`, contiguous [T, H * D], when given)."""
         bs = meta.block_size
         paged = (k_cache.view(-1, bs, self.num_kv_heads, self.head_dim),
                  v_cache.view(-1, bs, self.num_kv_heads, self.head_dim))
         q = q.contiguous()
+        t = q.shape[0]
         c = meta.cascade
         if c is None or sliding:
-            out = meta.wrappers[sliding].run(q, paged)
+            o = meta.wrappers[sliding].run(
+                q, paged, out=None if out is None else out.view(t, self.num_heads, self.head_dim))
         else:  # level 1 over each row's own pages, level 0 over the shared ones, merged
-            out, lse = meta.wrappers[sliding].run(q, paged, return_lse=True)
+            o, lse = meta.wrappers[sliding].run(q, paged, return_lse=True)
             head, head_lse = c.wrapper.run(q.index_select(0, c.rows), paged, return_lse=True)
-            rest, rest_lse = out.index_select(0, c.rows), lse.index_select(0, c.rows)
+            rest, rest_lse = o.index_select(0, c.rows), lse.index_select(0, c.rows)
             self.fi.merge_state_in_place(rest, rest_lse, head, head_lse, mask=c.mask)
-            out.index_copy_(0, c.rows, rest)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+            o.index_copy_(0, c.rows, rest)
+            if out is not None:
+                out.view(t, self.num_heads, self.head_dim).copy_(o)
+        return o.reshape(t, self.num_heads * self.head_dim) if out is None else out

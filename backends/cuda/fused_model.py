@@ -72,8 +72,6 @@ class FusedDecoderModel(DecoderModel):
         if not self.fused:
             logits = super().forward(step, kv)
             return logits if out is None else out.copy_(logits)
-        K = self.kernels
-        eps = self.cfg.rms_norm_eps
         residual = self.w.embed(step.input_ids).contiguous()  # a fresh tensor: updated in place
         delta = None
         for i, lw in enumerate(self.w.layers):
@@ -81,24 +79,26 @@ class FusedDecoderModel(DecoderModel):
         if step.logits_rows.numel() == 0:
             return torch.empty(0, self.cfg.vocab_size, device=residual.device)
         rows = step.logits_rows
-        r = residual[rows]
-        x = K.add_rms_norm(delta[rows], r, self.w.final_norm, eps)
-        if out is None:
-            out = torch.empty((x.shape[0], self.cfg.vocab_size), dtype=torch.float32,
-                              device=x.device)
-        out = self.linear(self.w.lm_head, x, out)
-        cap = self.cfg.final_logit_softcapping
-        if cap is not None:
-            out.div_(cap).tanh_().mul_(cap)
-        return out
+        return self.head(self.final_norm(delta[rows], residual[rows]), out)
 
     def _fused_layer(self, i: int, lw: LayerWeights, delta, residual: torch.Tensor, step,
                      kv: tuple[torch.Tensor, torch.Tensor]):
+        sliding = self.cfg.layer_is_sliding[i]
+        q = self.pre_attention(i, lw, delta, residual, step.positions, step.attn.slot_mapping, kv)
+        o = self.attention.attend(q, kv[0], kv[1], step.attn, sliding)
+        return self.post_attention(lw, o, residual), residual
+
+    # the two halves of a layer around its attention (piecewise.py captures each pair
+    # post_attention(i - 1) + pre_attention(i) as one CUDA graph)
+    def pre_attention(self, i: int, lw: LayerWeights, delta, residual: torch.Tensor,
+                      positions: torch.Tensor, slot_mapping: torch.Tensor,
+                      kv: tuple[torch.Tensor, torch.Tensor],
+                      q_out: torch.Tensor | None = None) -> torch.Tensor:
+        """[residual += delta,] norm, qkv, rope(+qk-norm) with this step's K/V written into
+        the pages; returns the rotated q [T, H, D] (into q_out when given)."""
         K = self.kernels
         cfg = self.cfg
         eps = cfg.rms_norm_eps
-        t = residual.shape[0]
-        sliding = cfg.layer_is_sliding[i]
         if delta is None:
             x = K.rms_norm(residual, lw.attn_norm, eps)
         else:
@@ -107,16 +107,39 @@ class FusedDecoderModel(DecoderModel):
         q = qkv[:, :cfg.q_size].unflatten(1, (cfg.num_heads, cfg.head_dim))
         k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
         v = qkv[:, cfg.q_size + cfg.kv_size:].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
-        cos, sin = self.tables.sliding if sliding else self.tables.full
-        meta = step.attn
-        q = K.rope_qk_norm_kv_write(q, k, v, step.positions, cos, sin, meta.slot_mapping,
-                                    kv[0], kv[1], lw.q_norm, lw.k_norm, eps)
-        o = self.linear(lw.o_proj, self.attention.attend(q, kv[0], kv[1], meta, sliding))
+        cos, sin = self.tables.sliding if cfg.layer_is_sliding[i] else self.tables.full
+        return K.rope_qk_norm_kv_write(q, k, v, positions, cos, sin, slot_mapping, kv[0], kv[1],
+                                       lw.q_norm, lw.k_norm, eps, out=q_out)
+
+    def post_attention(self, lw: LayerWeights, o: torch.Tensor,
+                       residual: torch.Tensor) -> torch.Tensor:
+        """o_proj[, post-norm], residual += o, norm, gated MLP[, post-norm]: the layer's
+        output, not yet added to the residual (the next norm adds it)."""
+        K = self.kernels
+        eps = self.cfg.rms_norm_eps
+        o = self.linear(lw.o_proj, o)
         if lw.post_attn_norm is not None:
             o = K.rms_norm(o, lw.post_attn_norm, eps)
         x = K.add_rms_norm(o, residual, lw.ffn_norm, eps)
-        d = self.linear(lw.down, K.act_mul(self.linear(lw.gate_up, x), cfg.hidden_act))
+        d = self.linear(lw.down, K.act_mul(self.linear(lw.gate_up, x), self.cfg.hidden_act))
         if lw.post_ffw_norm is not None:
             d = K.rms_norm(d, lw.post_ffw_norm, eps)
-        assert d.shape[0] == t
-        return d, residual
+        return d
+
+    def final_norm(self, delta: torch.Tensor, residual: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """The last layer's output added to the residual, through the final norm."""
+        return self.kernels.add_rms_norm(delta, residual, self.w.final_norm,
+                                         self.cfg.rms_norm_eps, out=out)
+
+    def head(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits [S, vocab] of final-normed rows x (into `out` when given), soft-capped
+        where the model says."""
+        if out is None:
+            out = torch.empty((x.shape[0], self.cfg.vocab_size), dtype=torch.float32,
+                              device=x.device)
+        out = self.linear(self.w.lm_head, x, out)
+        cap = self.cfg.final_logit_softcapping
+        if cap is not None:
+            out.div_(cap).tanh_().mul_(cap)
+        return out

@@ -87,11 +87,14 @@ class DeviceTorchAttention(TorchPagedAttention):
         self.device = device
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, sliding: bool) -> torch.Tensor:
+               meta: AttentionMetadata, sliding: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """Attention over caches that already hold this step's K/V (the fused kernels wrote
-        them): the rows are read back and rewritten unchanged by forward's copy."""
+        them): the rows are read back and rewritten unchanged by forward's copy. Into `out`
+        ([T, H * D]) when given."""
         slots = meta.slot_mapping
-        return self.forward(q, k_cache[slots], v_cache[slots], k_cache, v_cache, meta, sliding)
+        o = self.forward(q, k_cache[slots], v_cache[slots], k_cache, v_cache, meta, sliding)
+        return o if out is None else out.copy_(o)
 
     def prepare(self, plan: Plan) -> AttentionMetadata:
         meta = super().prepare(plan)

@@ -82,14 +82,17 @@ class TritonPagedAttention:
         return self.attend(q, k_cache, v_cache, meta, sliding)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: TritonAttentionMetadata, sliding: bool) -> torch.Tensor:
-        """Attention of q over caches that already hold this step's K/V → [T, H * D]."""
-        out = torch.empty_like(q)
+               meta: TritonAttentionMetadata, sliding: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of q over caches that already hold this step's K/V → [T, H * D] (written
+        into `out`, contiguous [T, H * D], when given)."""
+        t = q.shape[0]
+        o = torch.empty_like(q) if out is None else out.view(t, self.num_heads, self.head_dim)
         paged_attention(
-            q, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+            q, k_cache, v_cache, o, meta.block_tables, meta.query_start_loc, meta.seq_lens,
             meta.max_query_len, self.scale, self.window if sliding else None, meta.block_size,
         )
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        return o.reshape(t, self.num_heads * self.head_dim)
 
 
 def _dev(a: np.ndarray, dtype, device: torch.device) -> torch.Tensor:

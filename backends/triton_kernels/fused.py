@@ -63,10 +63,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> torch.Tensor:
-    """residual += x in place; returns rms_norm(residual) * weight. Both [T, N] contiguous rows."""
+                 eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """residual += x in place; returns rms_norm(residual) * weight (into `out` when given).
+    All [T, N] with unit-stride rows."""
     assert x.shape == residual.shape and residual.stride(-1) == 1 and x.stride(-1) == 1
-    out = torch.empty_like(residual)
+    if out is None:
+        out = torch.empty_like(residual)
+    assert out.shape == residual.shape and out.stride(-1) == 1
     if residual.shape[0]:
         n = residual.shape[1]
         _rms_norm_kernel[(residual.shape[0],)](
@@ -143,16 +146,18 @@ def rope_qk_norm_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-                          eps: float) -> torch.Tensor:
+                          eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] (views of the qkv output are fine: the last dim must be
     unit-stride); cos/sin [P, D/2] tables; positions and slot_mapping long [T]; caches
-    [slots, Hkv, D]. Writes rotated k and v at their slots; returns rotated q [T, H, D]."""
+    [slots, Hkv, D]. Writes rotated k and v at their slots; returns rotated q [T, H, D]
+    (into `out` when given)."""
     t, h, d = q.shape
     hkv = k.shape[1]
     assert d % 2 == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     assert cos.stride(-1) == 1 and cos.stride() == sin.stride()
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    q_out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
+    q_out = torch.empty((t, h, d), dtype=q.dtype, device=q.device) if out is None else out
+    assert q_out.shape == (t, h, d) and q_out.stride(-1) == 1
     if t == 0:
         return q_out
     qk_norm = q_norm is not None
