@@ -35,18 +35,22 @@ def variance(b: Bench, fmt: str) -> dict:
     model = b.models["llama"]
     seqs, tokens = (8, 256) if b.cpu else (512, 8192)
     be, cfg, load_s = b.backend(model, seqs, tokens, weight_format=fmt)
-    eng, _ = b.engine(be, cfg, seqs, tokens)
+    eng, kv_s = b.engine(be, cfg, seqs, tokens)
     n = max(8, int(1000 * b.scale))
     ins, outs = b.sharegpt_like(n)
     if b.cpu:  # the dry run: short prompts and outputs (Triton's interpreter is slow)
         ins, outs = np.minimum(ins, 12), np.minimum(outs, 4)
     prompts = b.rand_prompts(cfg.vocab_size, ins, 0)
-    res = {"weights": be.describe()["weights"], "load_s": round(load_s, 1), "runs": []}
+    d = be.describe()
+    res = {"weights": d["weights"], "load_s": round(load_s, 1), "kv_and_graphs_s": round(kv_s, 1),
+           "piecewise_buckets": len(d["piecewise_graphs"]), "num_blocks": d["num_blocks"],
+           "runs": []}
     for i in range(3):
         eng.reset_prefix_cache()
         (r, host), idle = b.idle_share(be, lambda: b.host_breakdown(
             eng, lambda: timed_batch(b, eng, prompts, outs)))
-        r |= {"gpu_idle_share": round(idle, 4), "host_ms_per_step": host}
+        r |= {"gpu_idle_share": round(idle, 4), "host_ms_per_step": host,
+              "piecewise_steps": be.piecewise.steps if be.piecewise is not None else 0}
         res["runs"].append(r)
         b.log(fmt, i, r)
     b.free(be)

@@ -6,7 +6,9 @@ through the float32 CPU reference, teacher-forced over a fixed English + code te
 float32; every decoder-layer linear with its weight and input rounded to bf16 (what the bf16
 GPU path multiplies); and the same linears in FP8 as backends/cuda/fp8.py computes them, with
 its own `quantize_rows` (row-wise e4m3 weight scales, per-token activation scales), the product
-taken in float32 as the H100's `_scaled_mm` accumulates it. Per position against float32:
+taken in float32 as the H100's `_scaled_mm` accumulates it. Each of the last two also with
+an FP8 KV cache (`--kv-dtype fp8`): every K and V rounded to e4m3 as the fused KV write stores
+it (saturating, scale 1) before attention reads it. Per position against float32:
 top-1 agreement, KL(fp32 || x) mean and p99; and each variant's perplexity of the text.
 
     python3 scripts/fp8_quality.py --out bench_results/fp8-quality
@@ -84,6 +86,26 @@ class EmulatedFp8Linear:
         return y if self.bias is None else y + self.bias
 
 
+class E4m3KvAttention:
+    """The reference attention over K/V rounded to e4m3 (what an fp8 KV cache holds)."""
+
+    def __init__(self, inner) -> None:
+        from localserve.backends.torch_common.attention import to_cache_dtype
+
+        self.inner, self.to_cache = inner, to_cache_dtype
+
+    def forward(self, q, k, v, *rest):
+        import torch
+
+        def e4m3(x):
+            return self.to_cache(x, torch.float8_e4m3fn).to(x.dtype)
+
+        return self.inner.forward(q, e4m3(k), e4m3(v), *rest)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def all_logits(be, ids: list[int]):
     """float32 logits [n, vocab] of every position of one prefill of ids."""
     import torch
@@ -122,11 +144,18 @@ def main() -> None:
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "command": " ".join(sys.argv), "model": path.name, "tokens": len(ids)}
     ref = None
-    for label, make in (("fp32", None), ("bf16", lambda lin: RoundedLinear(lin, torch.bfloat16)),
-                        ("fp8", EmulatedFp8Linear)):
+    attention = be.model.attention
+
+    def bf16(lin):
+        return RoundedLinear(lin, torch.bfloat16)
+
+    for label, make, kv_fp8 in (("fp32", None, False), ("bf16", bf16, False),
+                                ("bf16+kv_fp8", bf16, True), ("fp8", EmulatedFp8Linear, False),
+                                ("fp8+kv_fp8", EmulatedFp8Linear, True)):
         for lw, orig in zip(layers, dense):
             for n, lin in orig.items():
                 setattr(lw, n, lin if make is None else make(lin))
+        be.model.attention = E4m3KvAttention(attention) if kv_fp8 else attention
         logits = all_logits(be, ids)
         lp = torch.log_softmax(logits[:-1], dim=-1)
         row = {"perplexity": round(float(torch.exp(-lp.gather(1, target[:, None]).mean())), 3)}

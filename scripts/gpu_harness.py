@@ -132,8 +132,10 @@ class Bench:
         w = load_weights(f"random:{model}")
         be = CUDABackend(device=self.device)
         t = time.monotonic()
+        # LOCALSERVE_BENCH_KV_DTYPE=fp8: the KV pages in e4m3 for every llama/qwen/gemma run
+        kv_dtype = os.environ.get("LOCALSERVE_BENCH_KV_DTYPE", "auto")
         be.load(w, BackendConfig(dtype="float32" if self.cpu else "bfloat16", compile=compile,
-                                 weight_format=weight_format,
+                                 weight_format=weight_format, kv_dtype=kv_dtype,
                                  memory_utilization=0.9, max_num_batched_tokens=max_tokens,
                                  max_num_seqs=max_num_seqs))
         return be, w.config, time.monotonic() - t
@@ -334,10 +336,13 @@ class Bench:
             ("bf16 triton", "triton", "bfloat16", ("tiny-llama@128/1", "tiny-gemma3@256/1"), 3e-2),
             ("fp32 torch", "torch", "float32", ("tiny-llama",), None),
         ]
+        # e4m3 KV pages (--kv-dtype fp8): 3 mantissa bits on every K and V, a looser tolerance
+        fp8_kv = [("bf16 flashinfer fp8-kv", "flashinfer", "bfloat16",
+                   ("tiny-llama@128/1", "tiny-gemma3@256/1", "tiny-qwen3@128/2"), 1e-1)]
         if self.cpu:
             runs = [("fp32 triton", "triton", "float32", ("tiny-gemma3",), None)]
         before = os.environ.get("LOCALSERVE_ATTENTION")
-        for name, attn, dtype, models, rtol in runs:
+        for name, attn, dtype, models, rtol in runs + ([] if self.cpu else fp8_kv):
             os.environ["LOCALSERVE_ATTENTION"] = attn
             made = []
 
@@ -347,10 +352,13 @@ class Bench:
 
             try:
                 kw = dict(max_new=6, lengths=(6, 19, 33)) if self.cpu else {}
+                if "fp8-kv" in name:
+                    kw["kv_dtype"] = "fp8"
                 rep = run_conformance(make, models=models, dtype=dtype, logits_rtol=rtol, **kw)
                 used = sorted({b.attention_name for b in made})
                 fused = sorted({bool(b.model and b.model.fused) for b in made})
                 out[name] = {"ok": rep.ok, "attention": used, "fused": fused,
+                             "kv_dtype": sorted({str(b.kv_dtype) for b in made}),
                              "fallbacks": sorted({f for b in made for f in b.fallbacks}),
                              "checks": rep.lines()}
                 self.log(name, "PASS" if rep.ok else "FAIL", used, "\n  " + "\n  ".join(rep.lines()))

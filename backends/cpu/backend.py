@@ -60,6 +60,9 @@ class CPUBackend:
         if cfg.weight_format == "fp8":
             raise ModelLoadError(model.source, "fp8 weights need an NVIDIA GPU with FP8 tensor "
                                  "cores (the cuda backend); use --weights auto on the CPU")
+        if cfg.kv_dtype == "fp8":
+            raise ModelLoadError(model.source, "an fp8 KV cache needs an NVIDIA GPU with FP8 "
+                                 "(the cuda backend); use --kv-dtype auto on the CPU")
         fmt_name = AUTO_WEIGHT_FORMAT if cfg.weight_format == "auto" else cfg.weight_format
         weights = build_torch_weights(model, WeightFormat.parse(fmt_name), dtype)
         mc = model.config

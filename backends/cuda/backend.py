@@ -34,7 +34,7 @@ from localserve.models.weights import LoadedWeights
 from . import device as gpu
 from .batch_shape import MAX_GRAPH_BATCH, BatchShape, recommend_batch_shape, workspace_bytes
 from .cascade import CascadePolicy, cascade_bytes_per_token, load_check
-from .fp8 import apply_weight_format
+from .fp8 import apply_weight_format, fp8_supported
 from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, cascade_graph_buckets, default_buckets
 from .inputs import DeviceRope, DeviceTorchAttention, dummy_plans, step_inputs
@@ -104,7 +104,7 @@ class CUDABackend:
             torch.backends.cuda.matmul.allow_tf32 = False
         self.staging = HostStaging(self.device)
         dtype = self._dtype(cfg)
-        self.kv_dtype = _DTYPES.get(cfg.kv_dtype, dtype)
+        self.kv_dtype = self._kv_dtype(cfg, dtype)
         self.weights = model
         w = build_device_weights(model, dtype, self.device)
         self.weight_format = apply_weight_format(cfg.weight_format, w, self.device, dtype,
@@ -120,6 +120,18 @@ class CUDABackend:
         if self.device.type == "cpu":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _kv_dtype(self, cfg: BackendConfig, dtype: torch.dtype) -> torch.dtype:
+        """The KV pages' dtype: "fp8" is e4m3 (saturating writes, scale 1, as vLLM's fp8 KV
+        cache without calibrated scales) where the GPU has FP8 and the compute dtype is
+        bf16/fp16; else the compute dtype with a note. FlashInfer and the Triton kernel read
+        e4m3 pages; the torch attention does not, and drops back to the compute dtype."""
+        if cfg.kv_dtype == "fp8":
+            if fp8_supported(self.device) and dtype != torch.float32:
+                return torch.float8_e4m3fn
+            self.fallbacks.append("fp8 KV cache: needs an FP8 GPU (compute capability 8.9+) "
+                                  "and a bf16/fp16 dtype; the compute dtype instead")
+        return _DTYPES.get(cfg.kv_dtype, dtype)
 
     def _attention_candidates(self, dtype: torch.dtype) -> list[str]:
         forced = os.environ.get("LOCALSERVE_ATTENTION")
@@ -154,6 +166,10 @@ class CUDABackend:
 
             return TritonPagedAttention(*args, self.device)
         assert kind == "torch", kind
+        if self.kv_dtype == getattr(torch, "float8_e4m3fn", None):
+            self.kv_dtype = self.model.dtype
+            self.fallbacks.append("fp8 KV cache: the torch attention reads no e4m3 pages; "
+                                  "the compute dtype instead")
         return DeviceTorchAttention(*args, device=self.device)
 
     def _select_attention(self, candidates: list[str]) -> None:
@@ -475,6 +491,7 @@ class CUDABackend:
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "dtype": str(self.model.dtype).removeprefix("torch.") if self.model else None,
             "weights": getattr(self, "weight_format", "dense"),
+            "kv_dtype": str(self.kv_dtype).removeprefix("torch."),
             "attention": self.attention_name,
             "cuda_graphs": list(self.graphs.buckets) if self.graphs else [],
             "piecewise_graphs": list(self.piecewise.buckets) if self.piecewise else [],

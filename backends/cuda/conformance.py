@@ -109,21 +109,28 @@ def _cpu_reference():
 def run_conformance(make_backend: Callable[[], object], models=("tiny-llama", "tiny-gemma3"),
                     dtype: str = "float32", compile: str = "auto",
                     logits_rtol: float | None = None, max_new: int = MAX_NEW,
-                    lengths=(5, 19, 33, 47)) -> Report:
+                    lengths=(5, 19, 33, 47), kv_dtype: str = "auto") -> Report:
     """Checks `make_backend()` instances (fresh for every engine) against CPUBackend.
 
     dtype float32: tokens must equal the reference. Lower precision: pass logits_rtol, and the
     token checks are made between runs of the backend itself (batched vs alone, hit vs cold).
     """
     report = Report()
-    cfg = BackendConfig(dtype=dtype, compile=compile, max_num_batched_tokens=64, max_num_seqs=8)
+    cfg = BackendConfig(dtype=dtype, compile=compile, max_num_batched_tokens=64, max_num_seqs=8,
+                        kv_dtype=kv_dtype)
     for name in models:
         weights = tiny_weights(name)
         vocab = weights.config.vocab_size
         # lengths run past tiny-gemma3's window of 16 and across several 16-token pages
         prompts = _prompts(vocab, lengths, seed=1)
 
-        batched = _greedy(_engine(make_backend(), weights, cfg, True), prompts, max_new)
+        first = make_backend()
+        batched = _greedy(_engine(first, weights, cfg, True), prompts, max_new)
+        if getattr(first, "piecewise", None) is not None:
+            err = piecewise_error(first)
+            tol = 1e-5 if dtype == "float32" else logits_rtol or 3e-2
+            report.add(name, "piecewise graphs == eager", err <= tol,
+                       f"relative logits error {err:.2e} (tolerance {tol:.0e})")
         if dtype == "float32":
             ref_be, ref_cfg = _cpu_reference()
             ref = _greedy(_engine(ref_be, weights, ref_cfg, True), prompts, max_new)
@@ -185,6 +192,26 @@ def logits_error(backend, weights: LoadedWeights, cfg: BackendConfig, prompt: li
         ref = ref_be.model.forward(ref_be.model.prepare(plan), ref_be.kv).float()
     backend.close()
     return float((ours - ref).norm() / ref.norm())
+
+
+def piecewise_error(backend, lens=(9, 14, 3)) -> float:
+    """The largest ‖piecewise − eager‖ / ‖eager‖ over the logits of a prefill step of
+    sequences of `lens` tokens and of a decode step of each (backend.piecewise: its replays,
+    padded to a bucket; eager: model.forward). Overwrites the first pages' K/V."""
+    import torch
+
+    from .inputs import dummy_plans, step_inputs
+
+    worst = 0.0
+    with torch.inference_mode():
+        for plan in dummy_plans(np.asarray(lens), backend.block_size,
+                                backend.model.cfg.vocab_size):
+            eager = backend.model.forward(step_inputs(plan, backend.model, backend.rope,
+                                                      backend.device), backend.kv).float()
+            backend.piecewise.prepare(plan)
+            ours = backend.piecewise.replay().float()
+            worst = max(worst, float((ours - eager).norm() / eager.norm()))
+    return worst
 
 
 def _prefill_plan(prompt: list[int], vocab: int):

@@ -78,6 +78,15 @@ def _slots(block_tables: np.ndarray, positions: np.ndarray, block_size: int) -> 
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FP8_MAX = 448.0  # e4m3fn's largest finite value
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x cast for the KV pages; into float8_e4m3fn saturated (torch's cast turns overflow into
+    NaN), the fused KV write's rule too."""
+    if dtype == getattr(torch, "float8_e4m3fn", None):
+        x = x.clamp(-_FP8_MAX, _FP8_MAX)
+    return x.to(dtype)
 
 
 def _cpu_kernels():
@@ -188,8 +197,8 @@ class TorchPagedAttention:
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 sliding: bool) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] → attention output [T, H * D]."""
-        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        k_cache.index_copy_(0, meta.slot_mapping, to_cache_dtype(k, k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, to_cache_dtype(v, v_cache.dtype))
         if meta.paged is not None:
             if q.device.type == "cpu" and q.dtype in _KERNEL_DTYPES and k_cache.dtype in _KERNEL_DTYPES:
                 from localserve.backends.cpu.kernels import paged_attention

@@ -112,7 +112,7 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_ot, stride_oh, stride_cs, stride_ch, stride_rope, n_heads, n_kv_heads,
                     eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr,
-                    BLOCK_HALF: tl.constexpr, QK_NORM: tl.constexpr):
+                    BLOCK_HALF: tl.constexpr, QK_NORM: tl.constexpr, SATURATE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
@@ -134,12 +134,22 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_
                                  sin, eps, HALF, BLOCK_KH, BLOCK_HALF, QK_NORM, out_ty)
     kh = tl.arange(0, BLOCK_KH)
     k_dst = k_cache_ptr + slot * stride_cs + kh[:, None] * stride_ch + d[None, :]
-    tl.store(k_dst, k1.to(cache_ty), mask=k_ok)
-    tl.store(k_dst + HALF, k2.to(cache_ty), mask=k_ok)
+    tl.store(k_dst, _to_cache(k1, cache_ty, SATURATE), mask=k_ok)
+    tl.store(k_dst + HALF, _to_cache(k2, cache_ty, SATURATE), mask=k_ok)
     v_src = v_ptr + t * stride_vt + kh[:, None] * stride_vh + d[None, :]
     v_dst = v_cache_ptr + slot * stride_cs + kh[:, None] * stride_ch + d[None, :]
-    tl.store(v_dst, tl.load(v_src, mask=k_ok, other=0.0).to(cache_ty), mask=k_ok)
-    tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=k_ok, other=0.0).to(cache_ty), mask=k_ok)
+    v1 = tl.load(v_src, mask=k_ok, other=0.0).to(tl.float32)
+    v2 = tl.load(v_src + HALF, mask=k_ok, other=0.0).to(tl.float32)
+    tl.store(v_dst, _to_cache(v1, cache_ty, SATURATE), mask=k_ok)
+    tl.store(v_dst + HALF, _to_cache(v2, cache_ty, SATURATE), mask=k_ok)
+
+
+@triton.jit
+def _to_cache(x, cache_ty, SATURATE: tl.constexpr):
+    """x for the KV pages; SATURATE (e4m3 pages) clamps to +-448 first, as to_cache_dtype."""
+    if SATURATE:
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    return x.to(cache_ty)
 
 
 def rope_qk_norm_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -169,6 +179,7 @@ def rope_qk_norm_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), cos.stride(0),
         h, hkv, float(eps), HALF=half, BLOCK_H=_pow2(h), BLOCK_KH=_pow2(hkv),
         BLOCK_HALF=_pow2(half), QK_NORM=qk_norm,
+        SATURATE=k_cache.dtype == getattr(torch, "float8_e4m3fn", None),
         num_warps=4 if _pow2(h) * _pow2(half) <= 2048 else 8,
     )
     return q_out

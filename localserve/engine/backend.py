@@ -23,6 +23,8 @@ class BackendConfig:
     # weight format the backend computes with: "auto" (its fastest), "dense" (dequantized to
     # dtype: the reference path), "int8", "int4"
     weight_format: str = "auto"
+    # KV pages: "auto" (the compute dtype), a dtype name, or "fp8" (e4m3; the CUDA backend on
+    # FP8 GPUs, else the compute dtype with a note)
     kv_dtype: str = "auto"
     num_threads: int | None = None  # cpu: intra-op threads; None = all physical cores
     # fraction of device memory the KV pages may take (cpu: of available RAM)

@@ -40,6 +40,10 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None,
                    help="auto|fp8: fp8 runs the layers' weights in e4m3 on NVIDIA GPUs with FP8 "
                         "tensor cores (default: auto, the backend's own)")
+    p.add_argument("--kv-dtype", default=None,
+                   help="auto|fp8: fp8 keeps the KV cache in e4m3 on NVIDIA GPUs with FP8 "
+                        "(twice the tokens, half the attention reads; default: auto, the "
+                        "compute dtype)")
     p.add_argument("--cors-origin", dest="cors_origins", action="append", default=None,
                    help="allow this browser origin (default: localhost origins only); repeatable")
     p.add_argument("--max-body-mb", type=int, default=None, help="request body limit in MiB (default: 32)")
@@ -119,7 +123,8 @@ def _load(state, settings, name: str, url: str) -> None:
     from localserve.server.served_model import ServedModel
 
     backend_cfg = BackendConfig(num_threads=settings.threads, memory_utilization=settings.kv_memory,
-                                max_num_seqs=settings.max_running, weight_format=settings.weights)
+                                max_num_seqs=settings.max_running, weight_format=settings.weights,
+                                kv_dtype=settings.kv_dtype)
     engine_cfg = EngineConfig(max_num_seqs=settings.max_running, max_context=settings.ctx)
     loaded = load_model(settings.model, backend=settings.backend, backend_cfg=backend_cfg, engine_cfg=engine_cfg,
                         name=name)

@@ -27,6 +27,7 @@ class ServeSettings:
     threads: int | None = None
     kv_memory: float = 0.25  # fraction of free memory the KV pages may take
     weights: str = "auto"  # "auto" | "fp8" (NVIDIA GPUs with FP8 tensor cores)
+    kv_dtype: str = "auto"  # "auto" (the compute dtype) | "fp8" (e4m3 pages, NVIDIA FP8 GPUs)
     cors_origins: tuple[str, ...] = ()
     max_body_mb: int = 32
     log_level: str = "info"
@@ -62,10 +63,14 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
     settings = ServeSettings(**values)
     if settings.weights not in WEIGHT_CHOICES:
         raise SettingsError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {settings.weights!r}")
+    if settings.kv_dtype not in KV_DTYPE_CHOICES:
+        raise SettingsError(f"kv_dtype must be one of {', '.join(KV_DTYPE_CHOICES)}, "
+                            f"got {settings.kv_dtype!r}")
     return settings
 
 
 WEIGHT_CHOICES = ("auto", "fp8")
+KV_DTYPE_CHOICES = ("auto", "fp8")
 
 
 def _read_file(path: Path) -> dict[str, Any]:

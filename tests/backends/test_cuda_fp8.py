@@ -54,3 +54,31 @@ def test_to_fp8_converts_the_layer_linears_it_can():
     assert isinstance(layer.qkv, Fp8Linear) and isinstance(layer.gate_up, Fp8Linear)
     assert isinstance(layer.down, DenseLinear) and layer.down.weight is not None
     assert layer.qkv.out_features == 64
+
+
+def test_kv_pages_in_e4m3_saturate_instead_of_overflowing():
+    """torch's cast to e4m3fn turns overflow into NaN; the KV writes clamp to +-448 first."""
+    from localserve.backends.torch_common.attention import to_cache_dtype
+
+    x = torch.tensor([1000.0, -1e6, 3.3, 0.0], dtype=torch.bfloat16)
+    y = to_cache_dtype(x, torch.float8_e4m3fn)
+    assert y.dtype == torch.float8_e4m3fn
+    assert y.float().tolist()[:2] == [FP8_MAX, -FP8_MAX] and not torch.isnan(y.float()).any()
+    assert abs(y.float()[2].item() - 3.3) < 0.2  # 3 mantissa bits
+    assert to_cache_dtype(x, torch.bfloat16) is not None and to_cache_dtype(x, torch.bfloat16).equal(x)
+
+
+def test_fp8_kv_cache_without_an_fp8_gpu_keeps_the_compute_dtype_and_says_so(monkeypatch):
+    """The cuda backend's code on the CPU device (no FP8 GPU): bf16 pages and a note."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from localserve.backends.cuda import CUDABackend
+    from localserve.backends.cuda.conformance import tiny_weights
+    from localserve.engine.backend import BackendConfig
+
+    monkeypatch.setenv("LOCALSERVE_ATTENTION", "torch")
+    be = CUDABackend(device="cpu")
+    be.load(tiny_weights("tiny-llama"), BackendConfig(dtype="bfloat16", kv_dtype="fp8",
+                                                      max_num_batched_tokens=32, max_num_seqs=2))
+    assert be.kv_dtype == torch.bfloat16
+    assert any(f.startswith("fp8 KV cache: needs an FP8 GPU") for f in be.fallbacks), be.fallbacks
+    assert be.describe()["kv_dtype"] == "bfloat16"

@@ -58,3 +58,21 @@ def test_fp8_weights_on_the_cpu_backend_are_a_clear_load_error():
 
     with pytest.raises(ModelLoadError, match="fp8 weights need an NVIDIA GPU"):
         CPUBackend().load(load_weights("random:tiny-llama"), BackendConfig(weight_format="fp8"))
+
+
+def test_kv_dtype_choice(tmp_path):
+    none = tmp_path / "none.toml"
+    assert resolve_settings({}, {}, none).kv_dtype == "auto"
+    assert resolve_settings({}, {"LOCALSERVE_KV_DTYPE": "fp8"}, none).kv_dtype == "fp8"
+    with pytest.raises(SettingsError, match="kv_dtype must be one of auto, fp8"):
+        resolve_settings({"kv_dtype": "int4"}, {}, none)
+
+
+def test_fp8_kv_cache_on_the_cpu_backend_is_a_clear_load_error():
+    from localserve.backends.cpu.backend import CPUBackend
+    from localserve.engine.backend import BackendConfig
+    from localserve.errors import ModelLoadError
+    from localserve.models.loader import load_weights
+
+    with pytest.raises(ModelLoadError, match="fp8 KV cache needs an NVIDIA GPU"):
+        CPUBackend().load(load_weights("random:tiny-llama"), BackendConfig(kv_dtype="fp8"))
