@@ -3,7 +3,8 @@ one llama-3.1-8b backend and engine, per weight format, each with the GPU idle s
 host's parts per step and the longest engine steps (a stall of a JIT compile or of a library's
 first call for a shape shows as one step of hundreds of ms). One device call.
 
-    python3 scripts/b_variance.py --out $OUT --budget 300 [--formats fp8,auto]
+    python3 scripts/b_variance.py --out $OUT --budget 300 [--formats fp8,auto] [--seqs 1024]
+        [--profile]   # then one more run under torch's profiler: device ms per kernel class
     python3 scripts/b_variance.py --out /tmp/x --cpu     # dry run here, tiny model
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_harness import Bench  # noqa: E402  (maps localserve.backends on the device)
+from gpu_harness import Bench, kernel_table  # noqa: E402  (maps localserve.backends on the device)
 
 
 def timed_batch(b: Bench, eng, prompts, outs) -> dict:
@@ -31,9 +32,25 @@ def timed_batch(b: Bench, eng, prompts, outs) -> dict:
         "steps_over_100ms": int((d > 100).sum())}
 
 
+def profiled(b: Bench, eng, prompts, outs) -> dict:
+    """One more run under torch's profiler (CUDA kernels only): device seconds per kernel class
+    over the whole run, against its wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    eng.reset_prefix_cache()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        r = b.run_batch(eng, prompts, outs)
+        torch.cuda.synchronize()
+    table = kernel_table(prof, 1, top=25)
+    return {"wall_s": r["wall_s"], "output_tok_s": r["output_tok_s"],
+            "device_s": {k: round(v / 1e3, 3) for k, v in table["ms"].items()},
+            "launches": table["count"], "top_ms": table["top"]}
+
+
 def variance(b: Bench, fmt: str) -> dict:
     model = b.models["llama"]
-    seqs, tokens = (8, 256) if b.cpu else (512, 8192)
+    seqs, tokens = (8, 256) if b.cpu else (b.args.seqs, 8192)
     be, cfg, load_s = b.backend(model, seqs, tokens, weight_format=fmt)
     eng, kv_s = b.engine(be, cfg, seqs, tokens)
     n = max(8, int(1000 * b.scale))
@@ -53,6 +70,9 @@ def variance(b: Bench, fmt: str) -> dict:
               "piecewise_steps": be.piecewise.steps if be.piecewise is not None else 0}
         res["runs"].append(r)
         b.log(fmt, i, r)
+    if b.args.profile and not b.cpu:
+        res["profile"] = profiled(b, eng, prompts, outs)
+        b.log(fmt, "profile", res["profile"])
     b.free(be)
     eng = be = None
     b.free()
@@ -66,6 +86,8 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--only", default="")
     ap.add_argument("--formats", default="fp8,auto")
+    ap.add_argument("--seqs", type=int, default=512, help="max_num_seqs (the Show's b: 1024)")
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     if args.cpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")

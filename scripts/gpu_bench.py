@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_harness import Bench  # noqa: E402  (importing it maps localserve.backends on the device)
+from gpu_harness import Bench, kernel_table  # noqa: E402  (importing it maps localserve.backends on the device)
 
 
 class Show(Bench):
@@ -164,25 +164,9 @@ class Show(Bench):
             for _ in range(20):
                 graph.replay()
             torch.cuda.synchronize()
-        classes: dict[str, float] = {}
-        count: dict[str, int] = {}
-        for ev in prof.key_averages():
-            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-            if not t:
-                continue
-            name = ev.key.lower()
-            cls = ("gemm" if any(k in name for k in ("gemm", "gemv", "cutlass", "sm90", "xmma",
-                                                     "nvjet"))
-                   else "attention" if any(k in name for k in ("flashinfer", "prefill", "decode",
-                                                               "merge", "attention"))
-                   else "fused triton" if name.startswith("_") and "kernel" in name
-                   else "other")
-            classes[cls] = classes.get(cls, 0.0) + t / 20 / 1e3
-            count[cls] = count.get(cls, 0) + ev.count // 20
-        top = sorted(((ev.key[:60], round((getattr(ev, "device_time_total", None) or 0) / 20 / 1e3, 4))
-                      for ev in prof.key_averages()), key=lambda x: -x[1])[:12]
-        return {"ms_per_step": {k: round(v, 4) for k, v in classes.items()},
-                "kernels_per_step": count, "top": top}
+        table = kernel_table(prof, 20)
+        return {"ms_per_step": table["ms"], "kernels_per_step": table["count"],
+                "top": table["top"]}
 
     def show_b(self, be, cfg, eng) -> dict:
         """Through an engine with the backend's recommended batch shape (batch_shape.py: 1,024

@@ -337,8 +337,12 @@ class Bench:
             ("fp32 torch", "torch", "float32", ("tiny-llama",), None),
         ]
         # e4m3 KV pages (--kv-dtype fp8): 3 mantissa bits on every K and V, a looser tolerance
+        # (the CPU reference with K/V rounded to e4m3 is itself 6% / 13% off fp32 on these two;
+        # tiny random llama, without qk-norm, 38%: its logits are not compared)
         fp8_kv = [("bf16 flashinfer fp8-kv", "flashinfer", "bfloat16",
-                   ("tiny-llama@128/1", "tiny-gemma3@256/1", "tiny-qwen3@128/2"), 1e-1)]
+                   ("tiny-gemma3@256/1", "tiny-qwen3@128/2"), 0.2),
+                  ("bf16 flashinfer fp8-kv llama", "flashinfer", "bfloat16",
+                   ("tiny-llama@128/1",), None)]
         if self.cpu:
             runs = [("fp32 triton", "triton", "float32", ("tiny-gemma3",), None)]
         before = os.environ.get("LOCALSERVE_ATTENTION")
@@ -460,3 +464,27 @@ class Bench:
                            check=True)
             out["triton_cache_mb"] = round((self.out / "triton_cache.tgz").stat().st_size / 2**20, 1)
         return out
+
+
+def kernel_table(prof, steps: int = 1, top: int = 12) -> dict:
+    """A torch profiler's CUDA kernels per step: ms and launches per class (gemm, attention,
+    fused triton, other) and the `top` kernels by time."""
+    ms: dict[str, float] = {}
+    count: dict[str, int] = {}
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if not t:
+            continue
+        name = ev.key.lower()
+        cls = ("gemm" if any(k in name for k in ("gemm", "gemv", "cutlass", "sm90", "xmma",
+                                                 "nvjet"))
+               else "attention" if any(k in name for k in ("flashinfer", "prefill", "decode",
+                                                           "merge", "attention"))
+               else "fused triton" if name.startswith("_") and "kernel" in name
+               else "other")
+        ms[cls] = ms.get(cls, 0.0) + t / steps / 1e3
+        count[cls] = count.get(cls, 0) + ev.count // steps
+        rows.append((ev.key[:70], round(t / steps / 1e3, 4), ev.count))
+    return {"ms": {k: round(v, 4) for k, v in ms.items()}, "count": count,
+            "top": sorted(rows, key=lambda r: -r[1])[:top]}

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from localserve.backends.torch_common.attention import read_pages
 from localserve.engine.plan import Plan, SamplingRow
 from localserve.engine.sampling_params import SamplingParams
 
@@ -240,8 +241,8 @@ def reference_attention(q, k_cache, v_cache, plan: Plan, scale: float):
     for i, n in enumerate(plan.seq_lens.tolist()):
         pages = plan.block_tables[i, :(n + bs - 1) // bs].astype(np.int64)
         slots = torch.from_numpy((pages[:, None] * bs + np.arange(bs)).reshape(-1)[:n]).to(q.device)
-        k = k_cache[slots].float().repeat_interleave(group, dim=1)  # [n, H, D]
-        v = v_cache[slots].float().repeat_interleave(group, dim=1)
+        k = read_pages(k_cache, slots).float().repeat_interleave(group, dim=1)  # [n, H, D]
+        v = read_pages(v_cache, slots).float().repeat_interleave(group, dim=1)
         w = torch.softmax(torch.einsum("hd,nhd->hn", q[i].float(), k) * scale, dim=-1)
         out[i] = torch.einsum("hn,nhd->hd", w, v)
     return out
@@ -256,8 +257,8 @@ def check_cascade(attention, k_cache, v_cache, plan: Plan, policy: "CascadePolic
     q = torch.randn(plan.num_seqs, attention.num_heads, attention.head_dim,
                     dtype=attention.dtype, device=k_cache.device)
     used = (int(plan.block_tables.max()) + 1) * plan.block_size  # throw-away warm-up pages
-    k_cache[:used] = torch.randn_like(k_cache[:used])
-    v_cache[:used] = torch.randn_like(v_cache[:used])
+    for cache in (k_cache, v_cache):  # randn has no e4m3 kernel: drawn in float32, cast
+        cache[:used] = torch.randn(cache[:used].shape, device=cache.device).to(cache.dtype)
     ref = reference_attention(q, k_cache, v_cache, plan, attention.scale)
     saved = attention.cascade
     try:

@@ -89,6 +89,23 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def write_pages(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """cache[slots] = x cast for the pages (index_copy_ has no e4m3 kernel on CUDA: the e4m3
+    bytes are copied as uint8)."""
+    x = to_cache_dtype(x, cache.dtype)
+    if cache.element_size() == 1 and cache.dtype.is_floating_point:
+        cache.view(torch.uint8).index_copy_(0, slots, x.view(torch.uint8))
+    else:
+        cache.index_copy_(0, slots, x)
+
+
+def read_pages(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache[slots] (gathered as uint8 for e4m3 pages, like write_pages)."""
+    if cache.element_size() == 1 and cache.dtype.is_floating_point:
+        return cache.view(torch.uint8)[slots].view(cache.dtype)
+    return cache[slots]
+
+
 def _cpu_kernels():
     """localserve.backends.cpu.kernels where its attention kernel builds, else None."""
     from localserve.backends.cpu import kernels
@@ -197,8 +214,8 @@ class TorchPagedAttention:
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 sliding: bool) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] → attention output [T, H * D]."""
-        k_cache.index_copy_(0, meta.slot_mapping, to_cache_dtype(k, k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, to_cache_dtype(v, v_cache.dtype))
+        write_pages(k_cache, meta.slot_mapping, k)
+        write_pages(v_cache, meta.slot_mapping, v)
         if meta.paged is not None:
             if q.device.type == "cpu" and q.dtype in _KERNEL_DTYPES and k_cache.dtype in _KERNEL_DTYPES:
                 from localserve.backends.cpu.kernels import paged_attention

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from localserve.backends.torch_common.attention import to_cache_dtype
+from localserve.backends.torch_common.attention import write_pages
 from localserve.engine.plan import Plan
 
 from .paged_attention import paged_attention
@@ -78,8 +78,8 @@ class TritonPagedAttention:
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: TritonAttentionMetadata,
                 sliding: bool) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D]; caches [slots, Hkv, D] → [T, H * D]."""
-        k_cache.index_copy_(0, meta.slot_mapping, to_cache_dtype(k, k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, to_cache_dtype(v, v_cache.dtype))
+        write_pages(k_cache, meta.slot_mapping, k)
+        write_pages(v_cache, meta.slot_mapping, v)
         return self.attend(q, k_cache, v_cache, meta, sliding)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

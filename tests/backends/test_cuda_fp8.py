@@ -82,3 +82,15 @@ def test_fp8_kv_cache_without_an_fp8_gpu_keeps_the_compute_dtype_and_says_so(mon
     assert be.kv_dtype == torch.bfloat16
     assert any(f.startswith("fp8 KV cache: needs an FP8 GPU") for f in be.fallbacks), be.fallbacks
     assert be.describe()["kv_dtype"] == "bfloat16"
+
+
+def test_e4m3_pages_are_written_and_read_by_slot():
+    from localserve.backends.torch_common.attention import read_pages, write_pages
+
+    cache = torch.zeros(10, 2, 4, dtype=torch.float8_e4m3fn)
+    x = torch.tensor([[[1.0, -2.0, 500.0, 0.5]] * 2] * 3, dtype=torch.bfloat16)
+    slots = torch.tensor([7, 2, 4])
+    write_pages(cache, slots, x)
+    got = read_pages(cache, slots).float()
+    assert got[:, :, 2].eq(FP8_MAX).all() and got[:, :, :2].eq(x[:, :, :2].float()).all()
+    assert cache.float()[[0, 1, 3, 5, 6, 8, 9]].eq(0).all()
