@@ -264,8 +264,20 @@ class Bench:
         y = fp8.Fp8Linear(w)(x)
         dense = x.float() @ w.float().t()
         rel = ((y.float() - dense).norm(dim=1) / dense.norm(dim=1)).max()
+        # the quantizer fused into the norm and act*mul kernels: the separate one's codes
+        from localserve.backends.triton_kernels import fused as K
+
+        gu = torch.randn(512, 2 * 14336, generator=g, device="cuda").bfloat16()
+        nw = torch.randn(4096, generator=g, device="cuda").bfloat16()
+        fused_diff = 0
+        for ref, got in ((K.rms_norm(x, nw, 1e-5), K.rms_norm(x, nw, 1e-5, quant=True)),
+                         (K.act_mul(gu, "silu"), K.act_mul(gu, "silu", quant=True))):
+            rq, rs = fp8._quantize_rows_triton(ref)
+            fused_diff += int((rq.view(torch.uint8) != got[0].view(torch.uint8)).sum())
+            fused_diff += int((rs != got[1]).sum())
         return {"quantizer_codes_differing": int((q.view(torch.uint8) != q2.view(torch.uint8)).sum()),
                 "quantizer_scale_max_rel_diff": float(((sc - s2).abs() / s2).max()),
+                "fused_quantizer_values_differing": fused_diff,
                 "linear_max_row_rel_err_vs_bf16": round(float(rel), 4)}
 
     def rand_prompts(self, vocab: int, lens, seed: int) -> list[list[int]]:

@@ -87,10 +87,14 @@ class Fp8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        q, s = quantize_rows(x.reshape(-1, shape[-1]))
-        y = torch._scaled_mm(q, self.qweight_t, scale_a=s, scale_b=self.scale_w,
-                             out_dtype=self.out_dtype, bias=self.bias)
+        y = self.mm(*quantize_rows(x.reshape(-1, shape[-1])))
         return y.reshape(*shape[:-1], self._n)
+
+    def mm(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The product for activations already quantized per row: e4m3 q [M, K], scales s
+        float32 [M, 1] (quantize_rows' output, or a fused kernel's with the same rule)."""
+        return torch._scaled_mm(q, self.qweight_t, scale_a=s, scale_b=self.scale_w,
+                                out_dtype=self.out_dtype, bias=self.bias)
 
     def nbytes(self) -> int:
         return self.qweight_t.numel() + self.scale_w.numel() * 4

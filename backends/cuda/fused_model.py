@@ -26,6 +26,8 @@ from localserve.backends.torch_common.layers import DenseLinear
 from localserve.backends.torch_common.model import DecoderModel
 from localserve.backends.torch_common.weights import LayerWeights
 
+from .fp8 import Fp8Linear
+
 
 @dataclass(slots=True)
 class FusedStep:
@@ -44,6 +46,7 @@ class FusedDecoderModel(DecoderModel):
         self.fused = False
         self.tables = None  # a DeviceRope, set by the backend with fused
         self.gemv = None  # triton_kernels.gemv with fused, unless LOCALSERVE_GEMV=0
+        self.fuse_quant = False  # FP8 linears' quantizer inside the norm / act·mul kernels
 
     def enable_fused(self, tables) -> None:
         from localserve.backends.triton_kernels import fused as K
@@ -53,10 +56,18 @@ class FusedDecoderModel(DecoderModel):
         self.tables = tables
         self.fused = True
         self.gemv = gemv if os.environ.get("LOCALSERVE_GEMV", "1") != "0" else None
+        self.fuse_quant = os.environ.get("LOCALSERVE_FP8_FUSED_QUANT", "1") != "0"
 
-    def linear(self, lin, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def quantizes(self, lin) -> bool:
+        """Whether the kernel before `lin` hands it e4m3 rows (lin an Fp8Linear)."""
+        return self.fuse_quant and isinstance(lin, Fp8Linear)
+
+    def linear(self, lin, x, out: torch.Tensor | None = None) -> torch.Tensor:
         """lin(x), through the GEMV for a large dense weight and at most gemv.MAX_M rows;
-        into `out` (float32 logits) when given."""
+        into `out` (float32 logits) when given. x may be (e4m3 codes, scales) for an
+        Fp8Linear (a fused kernel quantized it)."""
+        if isinstance(x, tuple):
+            return lin.mm(*x)
         g = self.gemv
         if (g is not None and 0 < x.shape[0] <= g.MAX_M and isinstance(lin, DenseLinear)
                 and lin.weight.numel() >= self.GEMV_MIN_ELEMENTS and x.stride(-1) == 1
@@ -99,10 +110,11 @@ class FusedDecoderModel(DecoderModel):
         K = self.kernels
         cfg = self.cfg
         eps = cfg.rms_norm_eps
+        quant = self.quantizes(lw.qkv)
         if delta is None:
-            x = K.rms_norm(residual, lw.attn_norm, eps)
+            x = K.rms_norm(residual, lw.attn_norm, eps, quant=quant)
         else:
-            x = K.add_rms_norm(delta, residual, lw.attn_norm, eps)
+            x = K.add_rms_norm(delta, residual, lw.attn_norm, eps, quant=quant)
         qkv = self.linear(lw.qkv, x)
         q = qkv[:, :cfg.q_size].unflatten(1, (cfg.num_heads, cfg.head_dim))
         k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
@@ -120,8 +132,10 @@ class FusedDecoderModel(DecoderModel):
         o = self.linear(lw.o_proj, o)
         if lw.post_attn_norm is not None:
             o = K.rms_norm(o, lw.post_attn_norm, eps)
-        x = K.add_rms_norm(o, residual, lw.ffn_norm, eps)
-        d = self.linear(lw.down, K.act_mul(self.linear(lw.gate_up, x), self.cfg.hidden_act))
+        x = K.add_rms_norm(o, residual, lw.ffn_norm, eps, quant=self.quantizes(lw.gate_up))
+        act = K.act_mul(self.linear(lw.gate_up, x), self.cfg.hidden_act,
+                        quant=self.quantizes(lw.down))
+        d = self.linear(lw.down, act)
         if lw.post_ffw_norm is not None:
             d = K.rms_norm(d, lw.post_ffw_norm, eps)
         return d

@@ -27,8 +27,8 @@ def _pow2(n: int) -> int:
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, stride_x, stride_r, stride_o, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, s_ptr, n_cols, stride_x, stride_r, stride_o,
+                     eps, HAS_RES: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -41,41 +41,65 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, stride_x, stride_r,
     var = tl.sum(x * x, axis=0) / n_cols
     rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=ok)
+    y = x * rstd * w
+    if QUANT:  # e4m3 codes and the row's scale, as fp8.quantize_rows of the rounded output
+        _store_e4m3_row(y.to(x_ptr.dtype.element_ty).to(tl.float32),
+                        out_ptr + row * stride_o + cols, s_ptr + row, ok)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _store_e4m3_row(y, q_ptrs, s_ptr, ok):
+    """One row's per-token FP8 quantization (fp8.py's rule): scale = amax / 448, q = y / scale."""
+    scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
+    tl.store(q_ptrs, (y / scale).to(q_ptrs.dtype.element_ty), mask=ok)
+    tl.store(s_ptr, scale)
+
+
+def _norm_out(x2: torch.Tensor, quant: bool, out: torch.Tensor | None):
+    """(out, scales) for a norm over rows x2: e4m3 codes and float32 [T, 1] scales with quant."""
+    if quant:
+        assert out is None
+        return (torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x2.device),
+                torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x2.device))
+    if out is None:
+        out = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    return out, out  # no scales: the kernel never writes s_ptr
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight over the last dim (f32 inside), in x's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quant: bool = False):
+    """x / rms(x) * weight over the last dim (f32 inside), in x's dtype; with quant, rows of
+    [T, N] x as (e4m3 codes, float32 [T, 1] scales) for an Fp8Linear (its quantizer fused)."""
     x2 = _rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    out, scales = _norm_out(x2, quant, None)
     if x2.shape[0]:
         n = x2.shape[1]
-        _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, n, x2.stride(0), 0, out.stride(0),
-                                         float(eps), HAS_RES=False, BLOCK=_pow2(n),
-                                         num_warps=_warps(n))
-    return out.reshape(x.shape)
+        _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, scales, n, x2.stride(0), 0,
+                                         out.stride(0), float(eps), HAS_RES=False, QUANT=quant,
+                                         BLOCK=_pow2(n), num_warps=_warps(n))
+    return (out, scales) if quant else out.reshape(x.shape)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """residual += x in place; returns rms_norm(residual) * weight (into `out` when given).
-    All [T, N] with unit-stride rows."""
+                 eps: float, out: torch.Tensor | None = None, quant: bool = False):
+    """residual += x in place; returns rms_norm(residual) * weight (into `out` when given; as
+    rms_norm's (codes, scales) with quant). All [T, N] with unit-stride rows."""
     assert x.shape == residual.shape and residual.stride(-1) == 1 and x.stride(-1) == 1
-    if out is None:
-        out = torch.empty_like(residual)
+    out, scales = _norm_out(residual, quant, out)
     assert out.shape == residual.shape and out.stride(-1) == 1
     if residual.shape[0]:
         n = residual.shape[1]
         _rms_norm_kernel[(residual.shape[0],)](
-            x, residual, weight, out, n, x.stride(0), residual.stride(0), out.stride(0),
-            float(eps), HAS_RES=True, BLOCK=_pow2(n), num_warps=_warps(n))
-    return out
+            x, residual, weight, out, scales, n, x.stride(0), residual.stride(0), out.stride(0),
+            float(eps), HAS_RES=True, QUANT=quant, BLOCK=_pow2(n), num_warps=_warps(n))
+    return (out, scales) if quant else out
 
 
 def _warps(n: int) -> int:
@@ -186,28 +210,67 @@ def rope_qk_norm_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @triton.jit
-def _act_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, ACT: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < n_cols
-    g = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=ok, other=0.0).to(tl.float32)
+def _act_mul_cols(row_ptr, cols, ok, n_cols, ACT: tl.constexpr):
+    """act(gate) * up at `cols` of one [gate | up] row, rounded to the row's dtype as torch
+    rounds each op (returned in float32)."""
+    g = tl.load(row_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(row_ptr + n_cols + cols, mask=ok, other=0.0).to(tl.float32)
     if ACT == 0:
         a = g * tl.sigmoid(g)
     else:  # gelu, tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         a = 0.5 * g * (2.0 * tl.sigmoid(2.0 * z))
-    ty = out_ptr.dtype.element_ty
+    ty = row_ptr.dtype.element_ty
     a = a.to(ty).to(tl.float32)  # the torch path rounds act(gate) before the product
-    tl.store(out_ptr + row * stride_o + cols, (a * u).to(ty), mask=ok)
+    return (a * u).to(ty).to(tl.float32)
 
 
-def act_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    """act(gate) * up for gate_up [T, 2I] (gate first) → [T, I]."""
+@triton.jit
+def _act_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, ACT: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    p = _act_mul_cols(x_ptr + row * stride_x, cols, ok, n_cols, ACT)
+    tl.store(out_ptr + row * stride_o + cols, p.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _act_mul_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, N_COLS: tl.constexpr,
+                          ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """act_mul with its row quantized to e4m3 (fp8.py's rule): a pass for the row's amax,
+    a pass that writes the codes (the row is read twice, the second time from L2). N_COLS is
+    a constant (the model's intermediate size): static loop bounds, which the interpreter
+    needs too."""
+    row = tl.program_id(0).to(tl.int64)
+    src = x_ptr + row * stride_x
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N_COLS, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(_act_mul_cols(src, cols, cols < N_COLS, N_COLS, ACT)))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+    for start in range(0, N_COLS, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        ok = cols < N_COLS
+        p = _act_mul_cols(src, cols, ok, N_COLS, ACT)
+        tl.store(q_ptr + row * stride_q + cols, (p / scale).to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + row, scale)
+
+
+def act_mul(gate_up: torch.Tensor, act: str, quant: bool = False):
+    """act(gate) * up for gate_up [T, 2I] (gate first) → [T, I]; with quant as (e4m3 codes,
+    float32 [T, 1] scales) for an Fp8Linear (its quantizer fused)."""
     t, two_i = gate_up.shape
     n = two_i // 2
     assert gate_up.stride(-1) == 1
+    if quant:
+        q = torch.empty((t, n), dtype=torch.float8_e4m3fn, device=gate_up.device)
+        s = torch.empty((t, 1), dtype=torch.float32, device=gate_up.device)
+        if t:
+            _act_mul_quant_kernel[(t,)](gate_up, q, s, gate_up.stride(0), q.stride(0),
+                                        N_COLS=n, ACT=ACTIVATIONS[act], BLOCK=min(2048, _pow2(n)),
+                                        num_warps=8 if n >= 4096 else 4)
+        return q, s
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     if t:
         block = min(1024, _pow2(n))

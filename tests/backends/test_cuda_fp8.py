@@ -2,6 +2,7 @@
 torch._scaled_mm, checked on the CPU (torch runs _scaled_mm there too); the H100 run is in
 scripts/gpu_bench.py --fp8 (BENCHMARKS.md)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +95,63 @@ def test_e4m3_pages_are_written_and_read_by_slot():
     got = read_pages(cache, slots).float()
     assert got[:, :, 2].eq(FP8_MAX).all() and got[:, :, :2].eq(x[:, :, :2].float()).all()
     assert cache.float()[[0, 1, 3, 5, 6, 8, 9]].eq(0).all()
+
+
+@pytest.mark.parametrize("kind", ["rms_norm", "add_rms_norm", "act_mul_silu", "act_mul_gelu_tanh"])
+def test_fused_quantizer_gives_the_separate_quantizers_codes(kind):
+    """The norm and act*mul kernels with the FP8 quantizer inside them (one launch, one pass
+    less over the activations) write the codes and scales the separate quantizer writes from
+    their bf16 output (Triton's interpreter here; the same kernels on the GPU)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from localserve.backends.cuda import fp8
+    from localserve.backends.triton_kernels import fused as K
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 96, generator=g) * 3).bfloat16()
+    w = torch.randn(96, generator=g).bfloat16()
+    if kind == "rms_norm":
+        ref, got = K.rms_norm(x, w, 1e-6), K.rms_norm(x, w, 1e-6, quant=True)
+    elif kind == "add_rms_norm":
+        r1, r2 = x.clone(), x.clone()
+        d = torch.randn(5, 96, generator=g).bfloat16()
+        ref, got = K.add_rms_norm(d, r1, w, 1e-6), K.add_rms_norm(d, r2, w, 1e-6, quant=True)
+        assert torch.equal(r1, r2)  # the residual is updated the same way
+    else:
+        act = kind.removeprefix("act_mul_")
+        gu = torch.randn(5, 2 * 3000, generator=g).bfloat16()  # two chunks of the quant kernel
+        ref, got = K.act_mul(gu, act), K.act_mul(gu, act, quant=True)
+    q, s = fp8._quantize_rows_triton(ref)
+    assert got[0].dtype == fp8.FP8 and got[1].shape == (ref.shape[0], 1)
+    assert torch.equal(got[1], s)
+    assert torch.equal(got[0].view(torch.uint8), q.view(torch.uint8))
+
+
+def test_fp8_layers_with_the_fused_quantizer_give_the_same_logits(monkeypatch):
+    """A tiny llama's layers in FP8 through FusedDecoderModel: the quantizer fused into the
+    norms and act*mul (default) or run on its own (LOCALSERVE_FP8_FUSED_QUANT=0) gives the
+    same logits bit for bit."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from localserve.backends.cuda import CUDABackend, fp8
+    from localserve.backends.cuda.conformance import tiny_weights
+    from localserve.backends.cuda.inputs import dummy_plans, step_inputs
+    from localserve.engine.backend import BackendConfig
+
+    monkeypatch.setenv("LOCALSERVE_ATTENTION", "torch")
+    monkeypatch.setenv("LOCALSERVE_FUSED", "1")
+    # the separate quantizer as it runs on the GPU (the Triton kernel; on the CPU, fp8.py
+    # takes torch's cast, whose rounding differs from the interpreter's in the last bit)
+    monkeypatch.setattr(fp8, "quantize_rows", fp8._quantize_rows_triton)
+    be = CUDABackend(device="cpu")
+    be.load(tiny_weights("tiny-llama"), BackendConfig(dtype="bfloat16", max_num_batched_tokens=32,
+                                                      max_num_seqs=2))
+    be.init_kv(8, 16)
+    assert to_fp8(be.model.w) > 0
+    prefill, _ = dummy_plans(np.array([9, 14]), 16, be.model.cfg.vocab_size)
+    logits = []
+    with torch.inference_mode():
+        for fused_quant in (True, False):
+            be.model.fuse_quant = fused_quant
+            assert be.model.quantizes(be.model.w.layers[0].qkv) is fused_quant
+            step = step_inputs(prefill, be.model, be.rope, be.device)
+            logits.append(be.model.forward(step, be.kv))
+    assert torch.equal(logits[0], logits[1])
