@@ -44,7 +44,9 @@ class Show(Bench):
         res["load"] = {"weights_s": round(load_s, 1), "kv_and_graphs_s": round(kv_s, 1),
                        **be.describe()}
         self.log("loaded", res["load"])
-        self.results["sections"]["llama_load"] = res["load"]
+        # partial results saved as they come, under the section's own name
+        key = "llama" if weight_format == "auto" else f"llama_{weight_format}"
+        self.results["sections"][f"{key}_load"] = res["load"]
         self.save()
         for key, fn, est in (("a_bs1_decode", self.show_a, 20), ("b_offline", self.show_b, 60),
                              ("d_shared_prefix", self.show_d, 90), ("f_online", self.show_f, 60)):
@@ -60,7 +62,7 @@ class Show(Bench):
                 traceback.print_exc()
                 res[key] = {"error": f"{type(exc).__name__}: {exc}"}
             self.log(f"-- {key}: {json.dumps(res[key], default=str)[:1200]}")
-            self.results["sections"]["llama"] = res
+            self.results["sections"][key] = res
             self.save()
         self.free(be)
         eng = be = None
@@ -452,6 +454,8 @@ def main() -> None:
         b.section("e_idle", 40, b.show_e)
     else:
         b.section("llama", 120, b.llama, "auto", tuple(args.parts.split(",")))
+        if "b" in args.parts.split(","):  # b again with FP8 weights (--weights fp8)
+            b.section("llama_fp8", 45, b.llama, "fp8", ("b",))
         b.section("hf_peer", 70, b.hf_peer)
         b.section("e_idle", 45, b.show_e)
         b.section("c_nanovllm", 45, b.show_c)

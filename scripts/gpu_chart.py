@@ -48,6 +48,9 @@ def chart(json_path: str, png_path: str) -> None:
     b = llama.get("b_offline", {})
     if "output_tok_s" in b:
         bars.append(("b: 1000 prompts", b["output_tok_s"], 17000))
+    b8 = sec.get("llama_fp8", {}).get("b_offline", {})
+    if "output_tok_s" in b8:
+        bars.append(("b: FP8 weights", b8["output_tok_s"], 17000))
     hf = sec.get("hf_peer", {})
     if "useful_output_tok_s" in hf:
         bars.append(("b: HF generate", hf["useful_output_tok_s"], None))
