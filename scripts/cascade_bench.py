@@ -142,8 +142,8 @@ def graph_check(b: Bench, be) -> dict:
     layer = next(i for i, sl in enumerate(be.model.cfg.layer_is_sliding) if not sl)
     k_cache, v_cache = be.kv[layer]
     used = nxt[0] * bs
-    k_cache[:used] = torch.randn_like(k_cache[:used])
-    v_cache[:used] = torch.randn_like(v_cache[:used])
+    for cache in (k_cache, v_cache):  # randn has no e4m3 kernel: drawn in float32, cast
+        cache[:used] = torch.randn(cache[:used].shape, device=cache.device).to(cache.dtype)
     q = torch.randn(bucket, att.num_heads, att.head_dim, dtype=att.dtype, device=k_cache.device)
     padded = PaddedDecode.from_plan(plan, bucket, g.scratch_block)
     outs = {}

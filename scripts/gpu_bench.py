@@ -48,20 +48,20 @@ class Show(Bench):
         key = "llama" if weight_format == "auto" else f"llama_{weight_format}"
         self.results["sections"][f"{key}_load"] = res["load"]
         self.save()
-        for key, fn, est in (("a_bs1_decode", self.show_a, 20), ("b_offline", self.show_b, 60),
-                             ("d_shared_prefix", self.show_d, 90), ("f_online", self.show_f, 60)):
-            if key[0] not in parts:
+        for part, fn, est in (("a_bs1_decode", self.show_a, 20), ("b_offline", self.show_b, 60),
+                              ("d_shared_prefix", self.show_d, 90), ("f_online", self.show_f, 60)):
+            if part[0] not in parts:
                 continue
             if self.left() < est + 10:
-                res[key] = {"skipped": f"{self.left():.0f}s left"}
+                res[part] = {"skipped": f"{self.left():.0f}s left"}
                 continue
-            self.log(f"== {key}")
+            self.log(f"== {part}")
             try:
-                res[key] = fn(be, cfg, eng)
+                res[part] = fn(be, cfg, eng)
             except Exception as exc:
                 traceback.print_exc()
-                res[key] = {"error": f"{type(exc).__name__}: {exc}"}
-            self.log(f"-- {key}: {json.dumps(res[key], default=str)[:1200]}")
+                res[part] = {"error": f"{type(exc).__name__}: {exc}"}
+            self.log(f"-- {part}: {json.dumps(res[part], default=str)[:1200]}")
             self.results["sections"][key] = res
             self.save()
         self.free(be)

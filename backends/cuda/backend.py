@@ -40,6 +40,7 @@ from .graphs import DecodeGraphs, capture_or_none, cascade_graph_buckets, defaul
 from .inputs import DeviceRope, DeviceTorchAttention, dummy_plans, step_inputs
 from .overlap import SubmittedStep, sample_on_device
 from .piecewise import PiecewiseGraphs, max_tokens_default
+from .piecewise import memory_bytes as piecewise_bytes
 from .piecewise import capture_or_none as capture_piecewise
 from .staging import HostStaging
 from .weights import build_device_weights
@@ -239,6 +240,10 @@ class CUDABackend:
         else:
             used = total - free  # weights, context, workspaces, other processes
             budget = int(total * self.cfg.memory_utilization) - used - self._activation_peak - _RESERVE_BYTES
+            if self._use_piecewise():  # their buffers and pool are taken after the pages
+                budget -= piecewise_bytes(self.model.cfg,
+                                          max_tokens_default(self.cfg.max_num_batched_tokens),
+                                          self.model.dtype.itemsize)
         blocks = budget // self._kv_bytes_per_block(block_size) - 1  # one scratch block
         if blocks < 1:
             need = self._kv_bytes_per_block(block_size) * 2 - budget

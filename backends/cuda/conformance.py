@@ -195,9 +195,12 @@ def logits_error(backend, weights: LoadedWeights, cfg: BackendConfig, prompt: li
 
 
 def piecewise_error(backend, lens=(9, 14, 3)) -> float:
-    """The largest ‖piecewise − eager‖ / ‖eager‖ over the logits of a prefill step of
-    sequences of `lens` tokens and of a decode step of each (backend.piecewise: its replays,
-    padded to a bucket; eager: model.forward). Overwrites the first pages' K/V."""
+    """The largest ‖piecewise − eager‖ / ‖eager‖ over the logits, and over the K/V written at
+    the step's slots (zeroed between the two runs, so the pieces must write them), of a
+    prefill step of sequences of `lens` tokens and of a decode step of each
+    (backend.piecewise: its replays, padded to a bucket; eager: model.forward). Overwrites
+    the first pages' K/V."""
+    from localserve.backends.torch_common.attention import read_pages
     import torch
 
     from .inputs import dummy_plans, step_inputs
@@ -208,9 +211,17 @@ def piecewise_error(backend, lens=(9, 14, 3)) -> float:
                                 backend.model.cfg.vocab_size):
             eager = backend.model.forward(step_inputs(plan, backend.model, backend.rope,
                                                       backend.device), backend.kv).float()
+            slots = torch.from_numpy(plan.slot_mapping).to(backend.device)
+            eager_kv = [read_pages(c, slots).float() for kv in backend.kv for c in kv]
+            for kv in backend.kv:
+                for c in kv:
+                    c.view(torch.uint8)[slots] = 0  # zero bytes: zero in every dtype
             backend.piecewise.prepare(plan)
             ours = backend.piecewise.replay().float()
-            worst = max(worst, float((ours - eager).norm() / eager.norm()))
+            ours_kv = [read_pages(c, slots).float() for kv in backend.kv for c in kv]
+            worst = max(worst, float((ours - eager).norm() / eager.norm()),
+                        *(float((o - e).norm() / e.norm().clamp(min=1e-30))
+                          for o, e in zip(ours_kv, eager_kv)))
     return worst
 
 

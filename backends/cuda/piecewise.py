@@ -49,8 +49,25 @@ def piecewise_buckets(max_tokens: int) -> tuple[int, ...]:
 
 def max_tokens_default(max_num_batched_tokens: int) -> int:
     """LOCALSERVE_PIECEWISE_MAX_TOKENS, else DEFAULT_MAX_TOKENS; never past the step budget."""
-    want = int(os.environ.get("LOCALSERVE_PIECEWISE_MAX_TOKENS", DEFAULT_MAX_TOKENS))
+    flag = os.environ.get("LOCALSERVE_PIECEWISE_MAX_TOKENS", "")
+    want = DEFAULT_MAX_TOKENS
+    if flag:
+        try:
+            want = int(flag)
+        except ValueError:
+            log.warning("LOCALSERVE_PIECEWISE_MAX_TOKENS=%r is not an integer: %d instead",
+                        flag, DEFAULT_MAX_TOKENS)
     return max(16, min(want, int(max_num_batched_tokens)))
+
+
+def memory_bytes(cfg, max_tokens: int, element_size: int) -> int:
+    """What piecewise graphs hold beyond the decode graphs, for the KV pool's sizing: the
+    static buffers and the pool's temporaries of the widest piece of the largest bucket (the
+    qkv, gate|up, act and norm outputs; FP8 codes are smaller)."""
+    static = max_tokens * (3 * 8 + (2 * cfg.q_size + 2 * cfg.hidden_size) * element_size)
+    widest = max_tokens * (cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
+                           + 2 * cfg.hidden_size) * element_size
+    return static + widest
 
 
 class PiecewiseGraphs:

@@ -61,12 +61,12 @@ def served_name(model: str | None, explicit: str | None) -> str:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from localserve.server.settings import SettingsError, resolve_settings
+    from dataclasses import fields
 
-    flags = {k: getattr(args, k, None) for k in ("model", "host", "port", "backend", "ctx", "max_running",
-                                                  "max_queued", "api_keys", "served_model_name", "threads",
-                                                  "kv_memory", "weights", "cors_origins", "max_body_mb",
-                                                  "log_level")}
+    from localserve.server.settings import ServeSettings, SettingsError, resolve_settings
+
+    # every setting a flag sets (argparse's dest is the field's name)
+    flags = {f.name: getattr(args, f.name, None) for f in fields(ServeSettings)}
     try:
         settings = resolve_settings(flags)
     except SettingsError as exc:

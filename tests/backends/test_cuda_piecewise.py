@@ -30,6 +30,15 @@ def test_buckets_cover_every_step_up_to_the_cap():
     assert max_tokens_default(512) == 512 and max_tokens_default(1 << 20) == 2048
 
 
+def test_a_bad_max_tokens_setting_falls_back_to_the_default(monkeypatch):
+    from localserve.backends.cuda.piecewise import DEFAULT_MAX_TOKENS, max_tokens_default
+
+    monkeypatch.setenv("LOCALSERVE_PIECEWISE_MAX_TOKENS", "lots")
+    assert max_tokens_default(1 << 20) == DEFAULT_MAX_TOKENS
+    monkeypatch.setenv("LOCALSERVE_PIECEWISE_MAX_TOKENS", "512")
+    assert max_tokens_default(1 << 20) == 512 and max_tokens_default(100) == 100
+
+
 def _backend(model: str, monkeypatch, piecewise: bool):
     from localserve.backends.cuda import CUDABackend
     from localserve.backends.cuda.conformance import tiny_weights
@@ -48,8 +57,9 @@ def _backend(model: str, monkeypatch, piecewise: bool):
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
 @torch.inference_mode()
 def test_pieces_give_the_eager_forwards_logits(model, monkeypatch):
-    """A mixed step (two prefills and a decode) padded to a bucket: the same logits as the
-    eager forward, and the pad rows write K/V to the scratch page only."""
+    """A prefill step and a decode step, each padded to a bucket: the same logits and the same
+    K/V at the step's slots as the eager forward (those slots are zeroed between the two, so
+    the pieces must write them), and the pad rows write K/V to the scratch page only."""
     from localserve.backends.cuda.inputs import dummy_plans, step_inputs
 
     be = _backend(model, monkeypatch, piecewise=True)
@@ -61,6 +71,10 @@ def test_pieces_give_the_eager_forwards_logits(model, monkeypatch):
         cache = torch.stack([torch.stack(kv) for kv in be.kv]).clone()
         eager = be.model.forward(step_inputs(plan, be.model, be.rope, be.device), be.kv)
         after_eager = torch.stack([torch.stack(kv) for kv in be.kv]).clone()
+        slots = torch.from_numpy(plan.slot_mapping)
+        for k_cache, v_cache in be.kv:
+            k_cache[slots] = 0
+            v_cache[slots] = 0
         pw.prepare(plan)
         logits = pw.replay()
         torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)

@@ -76,3 +76,24 @@ def test_fp8_kv_cache_on_the_cpu_backend_is_a_clear_load_error():
 
     with pytest.raises(ModelLoadError, match="fp8 KV cache needs an NVIDIA GPU"):
         CPUBackend().load(load_weights("random:tiny-llama"), BackendConfig(kv_dtype="fp8"))
+
+
+def test_every_up_flag_reaches_the_settings(monkeypatch, tmp_path):
+    """`localserve up --kv-dtype fp8 --weights fp8 ...` through the real parser and run_up:
+    each flag lands in ServeSettings (serve stubbed)."""
+    import argparse
+
+    from localserve.server import cli
+
+    monkeypatch.setenv("LOCALSERVE_CONFIG", str(tmp_path / "none.toml"))
+    seen = []
+    monkeypatch.setattr(cli, "serve", lambda settings: seen.append(settings) or 0)
+    p = argparse.ArgumentParser()
+    cli.add_up_parser(p.add_subparsers())
+    args = p.parse_args(["up", "--kv-dtype", "fp8", "--weights", "fp8", "--max-running", "7",
+                         "--kv-memory", "0.5"])
+    assert args.func(args) == 0
+    (s,) = seen
+    assert (s.kv_dtype, s.weights, s.max_running, s.kv_memory) == ("fp8", "fp8", 7, 0.5)
+    bad = p.parse_args(["up", "--kv-dtype", "int4"])
+    assert bad.func(bad) == 2
