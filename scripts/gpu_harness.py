@@ -239,8 +239,18 @@ class Bench:
         res = fn()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-        busy = sum(a.elapsed_time(b) for a, b in be.step_events) / 1e3
+        ev = be.step_events
+        busy = sum(a.elapsed_time(b) for a, b in ev) / 1e3
         be.step_events = None
+        if ev and isinstance(res, dict):
+            # the GPU's own timeline: idle between its first step's start and last step's end
+            # (the wall share above also counts the host's work before the first step and
+            # after the last), and the longest gaps between steps
+            span = ev[0][0].elapsed_time(ev[-1][1]) / 1e3
+            gaps = sorted((ev[i][1].elapsed_time(ev[i + 1][0]), i) for i in range(len(ev) - 1))
+            res["gpu_idle_between_steps"] = round(1.0 - busy / span, 4) if span > 0 else None
+            res["lead_in_ms"] = round((wall - span) * 1e3, 2)
+            res["longest_gaps_ms"] = [(round(g, 2), i) for g, i in gaps[-3:][::-1]]
         return res, 1.0 - busy / wall
 
     def fp8_check(self) -> dict:
