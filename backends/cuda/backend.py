@@ -4,7 +4,10 @@ Attention, in order of preference (each falls back to the next with a logged rea
 or at the warm-up; never at a request): FlashInfer (bf16/fp16 only) → the Triton kernel →
 torch SDPA over gathered pages. In bf16/fp16 the elementwise work of a layer runs in fused
 Triton kernels (fused_model.py; dropped with a logged reason if they fail in the warm-up;
-LOCALSERVE_FUSED=0/1 overrides). Decode steps replay CUDA graphs over padded batch-size buckets.
+LOCALSERVE_FUSED=0/1 overrides). Decode steps replay CUDA graphs over padded batch-size buckets;
+the other steps up to 2,048 tokens (prefill, mixed, larger decode) replay piecewise graphs over
+padded token-count buckets, the attention eager between them (piecewise.py).
+`kv_dtype="fp8"`: e4m3 KV pages on FP8 GPUs (FlashInfer and the Triton kernel read them).
 Sampling runs on the device (torch_common.sampling): only the sampled ids reach the host.
 Every per-step host-to-device input goes through pinned, double-buffered staging (staging.py;
 LOCALSERVE_PINNED=0 turns it off for A/B runs), so preparing step N+1 never waits for step N.
