@@ -41,7 +41,7 @@ from .fp8 import apply_weight_format, fp8_supported
 from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, cascade_graph_buckets, default_buckets
 from .inputs import DeviceRope, DeviceTorchAttention, dummy_plans, step_inputs
-from .overlap import SubmittedStep, sample_on_device
+from .overlap import PinnedIds, SubmittedStep, sample_on_device
 from .piecewise import PiecewiseGraphs, max_tokens_default
 from .piecewise import memory_bytes as piecewise_bytes
 from .piecewise import capture_or_none as capture_piecewise
@@ -86,6 +86,7 @@ class CUDABackend:
         self._last_ids: torch.Tensor | None = None
         self._staged = None
         self.staging: HostStaging | None = None  # set at load, on the chosen device
+        self._pinned_ids = PinnedIds()  # where each step's sampled ids land on the host
 
     # -- discovery --------------------------------------------------------------------
     @classmethod
@@ -406,7 +407,8 @@ class CUDABackend:
         logits, start = self._logits(plan, events, placeholders=True)
         ids, out = sample_on_device(logits, plan.sampling)
         self._last_ids = ids
-        return SubmittedStep(ids, out, self.step_events if events else None, start)
+        return SubmittedStep(ids, out, self.step_events if events else None, start,
+                             self._pinned_ids)
 
     def _logits(self, plan: Plan, events: bool, placeholders: bool = False):
         """(logits [S, vocab] of the plan's sampled rows, the start event or None).

@@ -63,12 +63,35 @@ def _plain_greedy(row: SamplingRow) -> bool:
             and not p.logit_bias and not p.needs_penalties)
 
 
+class PinnedIds:
+    """Pinned host buffers the steps in flight copy their sampled ids into, taken in turn: a
+    pinned allocation per step costs the host more than the copy itself. A buffer comes round
+    again `depth` steps later; the engine reads a step's ids before it submits the step two
+    after it, so any depth past 2 is safe (8 leaves room)."""
+
+    def __init__(self, depth: int = 8, pin: bool = True) -> None:
+        self.depth = depth
+        self.pin = pin  # False: plain host memory (tests without a CUDA runtime)
+        self._bufs: list[torch.Tensor | None] = [None] * depth
+        self._next = 0
+
+    def take(self, n: int) -> torch.Tensor:
+        i = self._next
+        self._next = (i + 1) % self.depth
+        buf = self._bufs[i]
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 64), dtype=torch.long, pin_memory=self.pin)
+            self._bufs[i] = buf
+        return buf[:n]
+
+
 class SubmittedStep:
     """What execute_async returns: the step's ids on their way to the host."""
 
     __slots__ = ("_host", "_event", "_out", "_events", "_start")
 
-    def __init__(self, ids: torch.Tensor, out: ForwardOutput | None, step_events, start) -> None:
+    def __init__(self, ids: torch.Tensor, out: ForwardOutput | None, step_events, start,
+                 pinned: PinnedIds | None = None) -> None:
         self._out = out
         self._events = step_events  # the backend's step_events list (benchmarks), or None
         self._start = start
@@ -76,7 +99,10 @@ class SubmittedStep:
         if out is not None:
             self._host = None
         elif ids.device.type == "cuda":
-            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            if pinned is not None and ids.dtype == torch.long and ids.dim() == 1:
+                self._host = pinned.take(ids.shape[0])
+            else:
+                self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
             self._host.copy_(ids, non_blocking=True)
             self._event = torch.cuda.Event(enable_timing=step_events is not None)
             self._event.record()

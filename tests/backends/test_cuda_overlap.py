@@ -66,3 +66,18 @@ def test_overlap_equals_sync_with_sampling_and_logprobs(model, monkeypatch):
         eng.check_integrity()
         outs[overlap] = [[list(s.output_token_ids) for s in seqs] for seqs in res]
     assert outs[True] == outs[False]
+
+
+def test_pinned_ids_ring_reuses_its_buffers_in_turn():
+    """The sampled ids' host buffers come round again `depth` steps later, grown when a step
+    has more rows (the engine reads a step's ids before it submits the step two after it)."""
+    import torch
+
+    from localserve.backends.cuda.overlap import PinnedIds
+
+    ring = PinnedIds(depth=3, pin=torch.cuda.is_available())  # pinning needs a CUDA runtime
+    a, b, c = ring.take(5), ring.take(70), ring.take(5)
+    assert a.numel() == 5 and b.numel() == 70 and a.dtype == torch.long
+    assert a.data_ptr() != b.data_ptr() != c.data_ptr()
+    assert ring.take(4).data_ptr() == a.data_ptr()  # slot 0 again, big enough
+    assert ring.take(200).numel() == 200  # slot 1 grows
