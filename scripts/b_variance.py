@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_harness import Bench, kernel_table  # noqa: E402  (maps localserve.backends on the device)
+from gpu_harness import Bench  # noqa: E402  (maps localserve.backends on the device)
+from gpu_timing import kernel_table  # noqa: E402
 
 
 def timed_batch(b: Bench, eng, prompts, outs) -> dict:

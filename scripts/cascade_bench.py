@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_harness import Bench, time_calls  # noqa: E402  (importing it maps localserve.backends on the device)
+from gpu_harness import Bench  # noqa: E402  (importing it maps localserve.backends on the device)
+from gpu_timing import time_calls  # noqa: E402
 
 
 def d_prompts(b: Bench, vocab: int):

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_harness import Bench, kernel_table  # noqa: E402  (importing it maps localserve.backends on the device)
+from gpu_harness import Bench  # noqa: E402  (importing it maps localserve.backends on the device)
+from gpu_timing import kernel_table  # noqa: E402
 
 
 class Show(Bench):

@@ -1,6 +1,6 @@
 """CUDABackend: torch_common's decoder on an NVIDIA GPU, dense bf16/fp16 (fp32 for conformance).
 
-Attention, in order of preference (each falls back to the next with a logged reason, at load
+Attention, in order of preference (attention_choice.py; each falls back to the next with a logged reason, at load
 or at the warm-up; never at a request): FlashInfer (bf16/fp16 only) → the Triton kernel →
 torch SDPA over gathered pages. In bf16/fp16 the elementwise work of a layer runs in fused
 Triton kernels (fused_model.py; dropped with a logged reason if they fail in the warm-up;
@@ -35,12 +35,12 @@ from localserve.errors import ModelLoadError
 from localserve.models.weights import LoadedWeights
 
 from . import device as gpu
-from .batch_shape import MAX_GRAPH_BATCH, BatchShape, recommend_batch_shape, workspace_bytes
-from .cascade import CascadePolicy, cascade_bytes_per_token, load_check
+from .attention_choice import AttentionChoice
+from .batch_shape import MAX_GRAPH_BATCH, BatchShape, recommend_batch_shape
 from .fp8 import apply_weight_format, fp8_supported
 from .fused_model import FusedDecoderModel
 from .graphs import DecodeGraphs, capture_or_none, cascade_graph_buckets, default_buckets
-from .inputs import DeviceRope, DeviceTorchAttention, dummy_plans, step_inputs
+from .inputs import DeviceRope, dummy_plans, step_inputs
 from .overlap import PinnedIds, SubmittedStep, sample_on_device
 from .piecewise import PiecewiseGraphs, max_tokens_default
 from .piecewise import memory_bytes as piecewise_bytes
@@ -56,7 +56,7 @@ _RESERVE_BYTES = 1 << 30
 ATTENTION_ORDER = ("flashinfer", "triton", "torch")
 
 
-class CUDABackend:
+class CUDABackend(AttentionChoice):
     name: ClassVar[str] = "cuda"
     platform: ClassVar[str] = "cuda"  # what device discovery looks for (rocm: "rocm")
     attention_order: ClassVar[tuple[str, ...]] = ATTENTION_ORDER
@@ -137,94 +137,6 @@ class CUDABackend:
             self.fallbacks.append("fp8 KV cache: needs an FP8 GPU (compute capability 8.9+) "
                                   "and a bf16/fp16 dtype; the compute dtype instead")
         return _DTYPES.get(cfg.kv_dtype, dtype)
-
-    def _attention_candidates(self, dtype: torch.dtype) -> list[str]:
-        forced = os.environ.get("LOCALSERVE_ATTENTION")
-        order = list(self.attention_order)
-        if forced:
-            if forced not in order:
-                raise ValueError(f"LOCALSERVE_ATTENTION={forced!r}: use one of {', '.join(order)}")
-            order = order[order.index(forced):]
-        if "flashinfer" in order and (dtype == torch.float32 or self.device.type != "cuda"):
-            order.remove("flashinfer")
-            self.fallbacks.append("flashinfer: needs bf16/fp16 on a CUDA GPU")
-        return order
-
-    def _make_attention(self, kind: str):
-        mc = self.model.cfg
-        window = mc.sliding_window if any(mc.layer_is_sliding) else None
-        args = (mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.scale, window)
-        if kind == "flashinfer":
-            from .flashinfer_attention import FlashInferPagedAttention
-
-            return FlashInferPagedAttention(
-                *args, self.model.dtype, self.kv_dtype, self.device,
-                backend=os.environ.get("LOCALSERVE_FLASHINFER_BACKEND", "fa2"),
-                workspace_bytes=workspace_bytes(min(self.cfg.max_num_seqs, MAX_GRAPH_BATCH)))
-        if kind == "triton":
-            from localserve.backends.triton_kernels import triton_available
-
-            ok, why = triton_available()
-            if not ok:
-                raise RuntimeError(why)
-            from localserve.backends.triton_kernels.attention import TritonPagedAttention
-
-            return TritonPagedAttention(*args, self.device)
-        assert kind == "torch", kind
-        if self.kv_dtype == getattr(torch, "float8_e4m3fn", None):
-            self.kv_dtype = self.model.dtype
-            self.fallbacks.append("fp8 KV cache: the torch attention reads no e4m3 pages; "
-                                  "the compute dtype instead")
-        return DeviceTorchAttention(*args, device=self.device)
-
-    def _select_attention(self, candidates: list[str]) -> None:
-        for kind in candidates:
-            try:
-                self.model.attention = self._make_attention(kind)
-                if hasattr(self.model.attention, "staging"):
-                    self.model.attention.staging = self.staging
-                if hasattr(self.model.attention, "cascade"):
-                    self.model.attention.cascade = CascadePolicy(
-                        cascade_bytes_per_token(self.model.cfg, self.kv_dtype))
-                self.attention_name = kind
-                self._choose_fused()
-                return
-            except Exception as exc:  # ImportError, missing toolchain, unsupported shape...
-                self._note_fallback(kind, exc)
-        raise RuntimeError("no attention implementation works: " + "; ".join(self.fallbacks))
-
-    def _choose_fused(self) -> None:
-        """Triton elementwise kernels (fused_model.py) in bf16/fp16 on a GPU, whatever the
-        attention; LOCALSERVE_FUSED=1 forces them (fp32, the interpreter), 0 disables them."""
-        self.model.fused = False
-        flag = os.environ.get("LOCALSERVE_FUSED", "auto")
-        if flag == "0":
-            return
-        if flag != "1" and (self.device.type != "cuda" or self.model.dtype == torch.float32):
-            return
-        from localserve.backends.triton_kernels import triton_available
-
-        ok, why = triton_available()
-        if not ok:
-            self.fallbacks.append(f"fused kernels: {why}")
-            return
-        try:
-            self.model.enable_fused(self.rope)
-        except Exception as exc:  # a broken Triton install fails at kernel definition
-            self._note_fallback("fused kernels", exc)
-
-    def _note_fallback(self, kind: str, exc: BaseException) -> None:
-        msg = f"{kind}: {type(exc).__name__}: {exc}"
-        self.fallbacks.append(msg)
-        log.warning("attention %s unavailable, falling back: %s", kind, msg)
-
-    def _check_cascade(self, kv, block_size: int) -> None:
-        """Shared-prefix decode against the plain decode on the warm-up's pages: dropped with
-        a logged reason if it fails or disagrees (decode then reads every row's pages)."""
-        why = load_check(self.model, kv, block_size)
-        if why is not None:
-            self.model.attention.cascade = None
-            self._note_fallback("shared-prefix (cascade) decode", RuntimeError(why))
 
     # -- memory -----------------------------------------------------------------------
     def _kv_bytes_per_block(self, block_size: int) -> int:

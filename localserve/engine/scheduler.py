@@ -147,7 +147,6 @@ class Scheduler:
     # -- schedule -------------------------------------------------------------------------
     def schedule(self) -> Plan | None:
         budget = self.cfg.max_num_batched_tokens
-        block_size = self.cfg.block_size
         batch: list[tuple[Request, int]] = []
         preempted = False
         for req in list(self.running):
@@ -165,10 +164,6 @@ class Scheduler:
                     continue  # its token in flight ends it: update will finish it
             num_new = min(total - req.num_computed_tokens, budget)
             if num_new <= 0:
-                continue
-            if req.num_computed_tokens + num_new <= len(req.block_table) * block_size:
-                batch.append((req, num_new))  # room in its pages: nothing to allocate
-                budget -= num_new
                 continue
             while not self.kv.allocate(req, num_new):
                 victim = self.running[-1]
