@@ -350,8 +350,9 @@ class Show(Bench):
                 eng.reset_prefix_cache()
                 r64, i64 = self.idle_share(be, lambda: self.run_batch(eng, p, [n_out] * 64))
                 runs64.append((round(i64, 4), r64["output_tok_s"]))
-                between64.append({k: r64.get(k) for k in ("gpu_idle_between_steps",
-                                                          "lead_in_ms", "longest_gaps_ms")})
+                between64.append({k: r64.get(k) for k in (
+                    "gpu_idle_between_steps", "lead_in_ms", "longest_gaps_ms", "first_gaps_ms",
+                    "idle_after_step_8")})
             med1, med64 = sorted(runs1)[len(runs1) // 2], sorted(runs64)[len(runs64) // 2]
             out[key] = {"bs1_idle": med1[0], "bs1_decode_tok_s": med1[1],
                         "bs64_idle": med64[0], "bs64_output_tok_s": med64[1],

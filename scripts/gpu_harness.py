@@ -218,10 +218,17 @@ class Bench:
             # (the wall share above also counts the host's work before the first step and
             # after the last), and the longest gaps between steps
             span = ev[0][0].elapsed_time(ev[-1][1]) / 1e3
-            gaps = sorted((ev[i][1].elapsed_time(ev[i + 1][0]), i) for i in range(len(ev) - 1))
+            in_order = [ev[i][1].elapsed_time(ev[i + 1][0]) for i in range(len(ev) - 1)]
+            gaps = sorted((g, i) for i, g in enumerate(in_order))
             res["gpu_idle_between_steps"] = round(1.0 - busy / span, 4) if span > 0 else None
             res["lead_in_ms"] = round((wall - span) * 1e3, 2)
             res["longest_gaps_ms"] = [(round(g, 2), i) for g, i in gaps[-3:][::-1]]
+            # the ramp (admissions, prefill chunks) apart from the steady steps after it
+            res["first_gaps_ms"] = [round(g, 2) for g in in_order[:8]]
+            if len(ev) > 10:
+                tail = ev[8][0].elapsed_time(ev[-1][1])
+                busy_tail = sum(a.elapsed_time(b) for a, b in ev[8:])
+                res["idle_after_step_8"] = round(1.0 - busy_tail / tail, 4) if tail > 0 else None
         return res, 1.0 - busy / wall
 
     def fp8_check(self) -> dict:

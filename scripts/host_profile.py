@@ -1,7 +1,7 @@
 """Where the host's time goes in Show e (gemma-3-270m, graphs + overlap, batch 1 and 64), one
 device call: the GPU idle share and the host parts per step (Bench.host_breakdown), then the same
 runs under cProfile, whose top functions by own time and by cumulative time are written to
-$OUT/host_profile_{bs1,bs64}.txt. The idle share is measured without cProfile (it slows the
+$OUT/host_profile_{bs1,bs64}.txt (and the raw stats in .prof files). The idle share is measured without cProfile (it slows the
 host by ~2x); the profile says which functions to cut. First, `memo_check`: greedy tokens with
 the FlashInfer plan memo (flashinfer_attention.fill_graph_metadata) on vs re-planning every
 step must be identical; e's figures are taken with the memo on and off, alternating.
@@ -38,6 +38,7 @@ def profiled(fn, path: Path, top: int = 45):
         res = fn()
     finally:
         pr.disable()
+    pr.dump_stats(str(path.with_suffix(".prof")))  # for pstats here (print_callees etc.)
     buf = io.StringIO()
     st = pstats.Stats(pr, stream=buf)
     st.sort_stats("tottime").print_stats(top)

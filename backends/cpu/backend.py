@@ -101,7 +101,7 @@ class CPUBackend:
             logits = self._decode(step, self.kv)
         else:
             logits = self.model.forward(step, self.kv)
-        return sample(logits, plan.sampling)
+        return sample(logits, plan.sampling, argmax_only=plan.argmax_only)
 
     def close(self) -> None:
         self.model = None

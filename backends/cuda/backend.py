@@ -296,7 +296,7 @@ class CUDABackend(AttentionChoice):
             return ForwardOutput(token_ids=np.zeros(0, dtype=np.int64))
         events = self.step_events is not None and self.device.type == "cuda"
         logits, start = self._logits(plan, events)
-        out = sample(logits, plan.sampling)  # ends with the one device-to-host copy of the ids
+        out = sample(logits, plan.sampling, argmax_only=plan.argmax_only)  # ends with the one device-to-host copy of the ids
         if events:
             self.step_events.append((start, self._event(True)))
         return out
@@ -317,10 +317,10 @@ class CUDABackend(AttentionChoice):
         if self._staged is not None:
             self._staged.synchronize()
         logits, start = self._logits(plan, events, placeholders=True)
-        ids, out = sample_on_device(logits, plan.sampling)
+        ids, out = sample_on_device(logits, plan.sampling, plan.argmax_only)
         self._last_ids = ids
         return SubmittedStep(ids, out, self.step_events if events else None, start,
-                             self._pinned_ids)
+                             self._pinned_ids, self.staging.stream)
 
     def _logits(self, plan: Plan, events: bool, placeholders: bool = False):
         """(logits [S, vocab] of the plan's sampled rows, the start event or None).
@@ -394,7 +394,7 @@ class CUDABackend(AttentionChoice):
         if not record:
             return None
         ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
+        ev.record(self.staging.stream)
         return ev
 
     def close(self) -> None:

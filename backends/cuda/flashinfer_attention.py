@@ -92,6 +92,9 @@ class FlashInferPagedAttention:
                  workspace_bytes: int = WORKSPACE_BYTES) -> None:
         import flashinfer
 
+        from .flashinfer_shim import install
+
+        install(flashinfer)  # plan() without Python loops over host tensors
         self.fi = flashinfer
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

@@ -20,14 +20,15 @@ from localserve.backends.torch_common import sampling_kernels as K
 from localserve.engine.plan import ForwardOutput, SamplingRow
 
 
-def sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow]
+def sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow], argmax_only: bool = False
                      ) -> tuple[torch.Tensor, ForwardOutput | None]:
     """(token ids long [S] on logits' device, the host ForwardOutput when it is already
-    known: rows with logprobs go through the synchronous sampler)."""
+    known: rows with logprobs go through the synchronous sampler). `argmax_only`: the
+    plan's hint (Plan.argmax_only), rows unread."""
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return torch.zeros(0, dtype=torch.long, device=logits.device), None
-    if all(map(_plain_greedy, rows)):  # the common case, without building BatchParams
+    if argmax_only or all(map(_plain_greedy, rows)):  # the common case, without BatchParams
         return K.argmax(logits), None
     batch = S.BatchParams.from_rows(rows, vocab_size)
     if (batch.num_logprobs >= 0).any():
@@ -58,9 +59,7 @@ def sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow]
 
 def _plain_greedy(row: SamplingRow) -> bool:
     """Greedy with nothing that changes the logits or asks for more than the id."""
-    p = row.params
-    return (p.temperature < S.GREEDY_EPS and row.token_bitmask is None and not p.logprobs
-            and not p.logit_bias and not p.needs_penalties)
+    return row.token_bitmask is None and row.params.argmax_only
 
 
 class PinnedIds:
@@ -91,7 +90,7 @@ class SubmittedStep:
     __slots__ = ("_host", "_event", "_out", "_events", "_start")
 
     def __init__(self, ids: torch.Tensor, out: ForwardOutput | None, step_events, start,
-                 pinned: PinnedIds | None = None) -> None:
+                 pinned: PinnedIds | None = None, stream: torch.cuda.Stream | None = None) -> None:
         self._out = out
         self._events = step_events  # the backend's step_events list (benchmarks), or None
         self._start = start
@@ -105,14 +104,14 @@ class SubmittedStep:
                 self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
             self._host.copy_(ids, non_blocking=True)
             self._event = torch.cuda.Event(enable_timing=step_events is not None)
-            self._event.record()
+            self._event.record(stream)  # the step's stream: no lookup of the current one
         else:
             self._host = ids
         if step_events is not None and start is not None:
             end = self._event
             if end is None:
                 end = torch.cuda.Event(enable_timing=True)
-                end.record()
+                end.record(stream)
             step_events.append((start, end))
 
     def result(self) -> ForwardOutput:

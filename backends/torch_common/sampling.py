@@ -34,9 +34,8 @@ from localserve.backends.torch_common import sampling_kernels as K
 # sample() looks this name up here at each call (the grammar bench times it by patching it)
 from localserve.backends.torch_common.token_bitmask import apply_token_bitmask, unpack_bitmask  # noqa: F401
 from localserve.engine.plan import ForwardOutput, SamplingRow
+from localserve.engine.sampling_params import GREEDY_EPS
 from localserve.errors import InvalidRequestError
-
-GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below it are greedy
 _CANDIDATES = 256
 _MAX_DRAWS = 64
 _REJECTION_MIN_TOP_P = 0.25  # below it a nucleus is likely narrow: try the candidates first
@@ -82,16 +81,20 @@ class BatchParams:
 
 
 def sample(
-    logits: torch.Tensor, rows: Sequence[SamplingRow], *, exact_sort: bool | None = None
+    logits: torch.Tensor, rows: Sequence[SamplingRow], *, exact_sort: bool | None = None,
+    argmax_only: bool = False,
 ) -> ForwardOutput:
     """Sample one token per row of `logits` [S, V] (fp32 or bf16, any device); logits is not
     modified. Only the [S] token ids (and [S] / [S, K] logprobs when a row asks) reach the host.
     `exact_sort` picks the route to the thresholds; default: sort on accelerators only.
+    `argmax_only` (Plan.argmax_only): every row is known to take the argmax, rows unread.
     """
     assert logits.ndim == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return ForwardOutput(token_ids=np.zeros(0, dtype=np.int64))
+    if argmax_only:
+        return ForwardOutput(token_ids=K.argmax(logits).cpu().numpy().astype(np.int64, copy=False))
     if exact_sort is None:
         exact_sort = logits.device.type != "cpu"
     logits = apply_token_bitmask(logits, rows)

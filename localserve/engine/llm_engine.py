@@ -48,6 +48,8 @@ from localserve.engine.scheduler import Scheduler, SchedulerConfig, TokenEvent
 from localserve.errors import ContextOverflowError, InvalidRequestError
 from localserve.models.config import ModelConfig
 
+_RUNNING, _WAITING = RequestStatus.RUNNING, RequestStatus.WAITING
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -259,59 +261,60 @@ class LLMEngine:
     def _deltas(self, events: list[TokenEvent]) -> list[SeqDelta]:
         deltas: list[SeqDelta] = []
         retired: list[Request] = []
-        for ev in events:
+        requests, detoks = self._requests, self._detok
+        for ev in events:  # per row per step: kept lean (positional SeqDelta, no properties)
             req = ev.request
-            if req.request_id not in self._requests:
+            if req.request_id not in requests:
                 continue
-            text = ""
             token_ids = ev.token_ids
-            det = self._detok.get(req.seq_id)
+            text = ""
+            det = detoks.get(req.seq_id) if detoks else None
             if det is not None:
-                for i, tok in enumerate(token_ids):
-                    res = det.feed(tok)
-                    text += res.text_delta
-                    if res.stopped:
-                        break
-                if res.stopped:
-                    if len(token_ids) > i + 1:
-                        # a stop string inside jump-forward tokens: drop the ones after it
-                        del req.output_token_ids[i + 1 - len(token_ids):]
-                        token_ids = token_ids[: i + 1]
-                    if not req.finished:
-                        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-                    elif isinstance(res.stop_reason, str):
-                        # a stop string completed on the very token that hit max_tokens
-                        req.status = RequestStatus.FINISHED_STOPPED
-                    if res.stop_reason is not None:
-                        req.stop_reason = res.stop_reason
-                elif req.finished:
-                    text += det.flush()
+                text, token_ids = self._detokenize(req, det, token_ids)
             lp = None
-            if req.params.logprobs and ev.logprob is not None:
+            if ev.logprob is not None and req.params.logprobs:
                 lp = [TokenLogprob(ev.token_id, ev.logprob, ev.top or [])]
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
-            deltas.append(
-                SeqDelta(
-                    request_id=req.request_id,
-                    index=req.index,
-                    token_ids=token_ids,
-                    text=text,
-                    logprobs=lp,
-                    finish_reason=req.finish_reason,
-                    stop_reason=req.stop_reason,
-                    num_prompt_tokens=req.num_prompt_tokens,
-                    num_cached_tokens=max(req.num_cached_tokens, 0),
-                    num_output_tokens=len(req.output_token_ids),
-                )
-            )
-            if req.finished:
+            status = req.status
+            finish = None if status is _RUNNING or status is _WAITING else status.value
+            cached = req.num_cached_tokens
+            deltas.append(SeqDelta(req.request_id, req.index, token_ids, text, lp, finish,
+                                   req.stop_reason, len(req.prompt_token_ids),
+                                   cached if cached > 0 else 0, len(req.output_token_ids)))
+            if finish is not None:
                 retired.append(req)
         # after the loop: retiring the last choice of a request drops it from _requests, which
         # would hide its siblings' events of this same step
         for req in retired:
             self._retire(req)
         return deltas
+
+    def _detokenize(self, req: Request, det: IncrementalDetokenizer,
+                    token_ids: list[int]) -> tuple[str, list[int]]:
+        """The text the step's tokens add, and the tokens kept: a stop string ends req (its
+        tokens after it in a jump-forward run are dropped)."""
+        text = ""
+        for i, tok in enumerate(token_ids):
+            res = det.feed(tok)
+            text += res.text_delta
+            if res.stopped:
+                break
+        if res.stopped:
+            if len(token_ids) > i + 1:
+                # a stop string inside jump-forward tokens: drop the ones after it
+                del req.output_token_ids[i + 1 - len(token_ids):]
+                token_ids = token_ids[: i + 1]
+            if not req.finished:
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+            elif isinstance(res.stop_reason, str):
+                # a stop string completed on the very token that hit max_tokens
+                req.status = RequestStatus.FINISHED_STOPPED
+            if res.stop_reason is not None:
+                req.stop_reason = res.stop_reason
+        elif req.finished:
+            text += det.flush()
+        return text, token_ids
 
     def _retire(self, req: Request) -> None:
         self._detok.pop(req.seq_id, None)

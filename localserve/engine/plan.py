@@ -53,6 +53,9 @@ class Plan:
     # None: every input id is in input_ids. Only plans given to execute_async carry them.
     placeholder_rows: np.ndarray | None = None  # int64 [P]
     placeholder_src: np.ndarray | None = None  # int64 [P]
+    # a hint: every sampled row's params are SamplingParams.argmax_only and no row has a
+    # token_bitmask, so the ids are the argmax of the logits. False: not known (read the rows)
+    argmax_only: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from localserve.engine.guided import GuidedDecoding
 from localserve.errors import InvalidRequestError
 
+GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below it are greedy
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -69,6 +71,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy with nothing that changes the logits and no logprobs: without a grammar
+        mask the sampled id is the argmax of the raw logits."""
+        return (self.temperature < GREEDY_EPS and not self.logprobs and not self.logit_bias
+                and not self.needs_penalties)
 
     @property
     def needs_penalties(self) -> bool:

@@ -27,6 +27,7 @@ from localserve.engine.block_tables import BlockTableRows
 from localserve.engine.kv_cache_manager import KVCacheManager
 from localserve.engine.plan import ForwardOutput, Plan, SamplingRow
 from localserve.engine.request import Request, RequestStatus
+from localserve.engine.steady import SteadyDecode
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,11 @@ class Scheduler:
         # the newest was sampled in row `row` of `step`'s ForwardOutput
         self._pending: dict[Request, tuple[int, ScheduledStep, int]] = {}
         self._tables = BlockTableRows()
+        self._last: ScheduledStep | None = None  # the step scheduled last
+        # the running batch while it decodes steadily (steady.py); None: plan row by row
+        self._steady: SteadyDecode | None = None
+        self.enable_steady = True  # False: every step row by row (tests compare the two)
+        self.num_steady_steps = 0  # steps planned from the steady batch, lifetime
         self.num_preemptions = 0
         self.num_forced_tokens = 0  # output tokens inserted by jump-forward, lifetime
 
@@ -131,6 +137,7 @@ class Scheduler:
         to recompute (preempted) unless they finished."""
         victims = {req for step in self._inflight for req in step.plan_reqs}
         self._inflight.clear()
+        self._steady = None
         self._pending.clear()
         for req in [r for r in self.running if r in victims]:
             # their last KV may never have been written: nothing of it goes to the cache
@@ -146,6 +153,11 @@ class Scheduler:
 
     # -- schedule -------------------------------------------------------------------------
     def schedule(self) -> Plan | None:
+        if self._steady is not None:
+            plan = self._schedule_steady()
+            if plan is not None:
+                return plan
+            self._steady = None
         budget = self.cfg.max_num_batched_tokens
         batch: list[tuple[Request, int]] = []
         preempted = False
@@ -316,6 +328,58 @@ class Scheduler:
             plan.placeholder_src = np.asarray(ph_src, dtype=np.int64)
         step.plan = plan
         self._inflight.append(step)
+        self._last = step
+        if (self.enable_steady and len(sample_idx) == nseq and not step.needs_sync
+                and nseq == len(self.running)):
+            # every running sequence decodes next step, in this order (batch is a subsequence
+            # of running): the steps after it can be planned with arrays
+            self._steady = SteadyDecode(reqs, step, rows, seq_lens)
+        return plan
+
+    def _schedule_steady(self) -> Plan | None:
+        """The next step of the steady decode batch, or None when it does not apply (the
+        batch changed, a request may be admitted, a row is at its length limit, a page is
+        short): the row-by-row path then plans it, with the same result where both apply."""
+        sd = self._steady
+        reqs = sd.reqs
+        n = len(reqs)
+        inflight = self._inflight
+        if (sd.step is not self._last or (inflight and inflight[-1] is not sd.step)
+                or self.running != reqs or n > self.cfg.max_num_batched_tokens
+                or (self.waiting and n < self.cfg.max_num_seqs)):
+            return None
+        pending = self._pending
+        if not sd.filled:
+            sd.fill(pending, self.cfg.max_context)
+        if not sd.within_limits():
+            return None
+        bs = self.cfg.block_size
+        grow = sd.rows_needing_page(bs)
+        if grow:
+            for b in grow:
+                if not self.kv.allocate(reqs[b], 1):
+                    return None  # memory is short: the row-by-row path preempts
+            grown = [reqs[b] for b in grow]
+            self._tables.rows(grown)
+            sd.num_pages[grow] = [len(r.block_table) for r in grown]
+        step = ScheduledStep(plan=None, plan_reqs=reqs, sampled=reqs)  # type: ignore[arg-type]
+        if inflight:  # each row's input is the token sampled in the same row of sd.step
+            for b, req in enumerate(reqs):
+                pending[req] = (pending[req][0] + 1, step, b)
+                req.num_computed_tokens += 1
+            input_ids = np.zeros(n, dtype=np.int64)
+        else:  # the synchronous engine: sd.step's tokens are on the host
+            for b, req in enumerate(reqs):
+                pending[req] = (1, step, b)
+                req.num_computed_tokens += 1
+            input_ids = np.fromiter((r.output_token_ids[-1] for r in reqs), dtype=np.int64,
+                                    count=n)
+        plan = sd.plan(self._tables.table, bs, input_ids, placeholders=bool(inflight))
+        step.plan = plan
+        inflight.append(step)
+        self._last = step
+        sd.advance(step)
+        self.num_steady_steps += 1
         return plan
 
     @staticmethod
@@ -336,10 +400,11 @@ class Scheduler:
         step = self._inflight.popleft()
         assert step.plan is plan, "update() must follow schedule() order"
         events: list[TokenEvent] = []
-        token_ids = out.token_ids.tolist()
         pending = self._pending
         want_lp = out.logprobs is not None
-        for s, req in enumerate(step.sampled):
+        eos, max_context = self.eos_token_ids, self.cfg.max_context
+        # per row per step: kept lean; _check_stop only where a stop is possible
+        for s, (req, tok) in enumerate(zip(step.sampled, out.token_ids.tolist())):
             count, last, row = pending[req]
             if count == 1:
                 del pending[req]
@@ -347,18 +412,23 @@ class Scheduler:
                 pending[req] = (count - 1, last, row)
             if req.finished:
                 continue  # finished or aborted while the step ran: its token is dropped
-            tok = token_ids[s]
-            req.output_token_ids.append(tok)
+            output = req.output_token_ids
+            output.append(tok)
             ev = TokenEvent(req, tok)
-            if want_lp and req.params.logprobs:
+            p = req.params
+            if want_lp and p.logprobs:
                 ev.logprob = float(out.logprobs[s])
-                k = req.params.num_top_logprobs
+                k = p.num_top_logprobs
                 if k and out.top_ids is not None:
                     ev.top = list(zip(out.top_ids[s, :k].tolist(), out.top_logprobs[s, :k].tolist()))
             events.append(ev)
-            if req.grammar is not None and not self._advance_grammar(req, ev):
-                continue
-            self._check_stop(req, tok)
+            if req.grammar is not None:
+                if self._advance_grammar(req, ev):
+                    self._check_stop(req, tok)
+            elif (tok in eos or tok in p.stop_token_ids
+                  or (p.max_tokens is not None and len(output) >= p.max_tokens)
+                  or len(output) + len(req.prompt_token_ids) >= max_context):
+                self._check_stop(req, tok)
         return events
 
     def _advance_grammar(self, req: Request, ev: TokenEvent) -> bool:
