@@ -359,6 +359,18 @@ class Show(Bench):
                         "bs1_runs": runs1, "bs64_runs": runs64, "bs64_timeline": between64,
                         "attention": be.attention_name, "fused": be.model.fused,
                         "overlap": eng.async_scheduling}
+            if eng.async_scheduling:  # and once without overlap: each step waits for its ids
+                eng.async_scheduling = False
+                try:
+                    eng.reset_prefix_cache()
+                    r1, i1 = self.idle_share(be, lambda: self.stream(eng, p[0], n_out))
+                    eng.reset_prefix_cache()
+                    r64, i64 = self.idle_share(be, lambda: self.run_batch(eng, p, [n_out] * 64))
+                    out[key]["no_overlap"] = {
+                        "bs1_idle": round(i1, 4), "bs1_decode_tok_s": r1["decode_tok_s"],
+                        "bs64_idle": round(i64, 4), "bs64_output_tok_s": r64["output_tok_s"]}
+                finally:
+                    eng.async_scheduling = True
             if compile == "auto" and be.graphs is not None and not self.cpu:
                 try:
                     out[key]["bs1_replay"] = self.replay_timing(be, 1, 128 + n_out // 2, True)
