@@ -320,7 +320,7 @@ class CUDABackend(AttentionChoice):
         ids, out = sample_on_device(logits, plan.sampling, plan.argmax_only)
         self._last_ids = ids
         return SubmittedStep(ids, out, self.step_events if events else None, start,
-                             self._pinned_ids, self.staging.stream)
+                             self._pinned_ids, self.staging.stream())
 
     def _logits(self, plan: Plan, events: bool, placeholders: bool = False):
         """(logits [S, vocab] of the plan's sampled rows, the start event or None).
@@ -394,7 +394,7 @@ class CUDABackend(AttentionChoice):
         if not record:
             return None
         ev = torch.cuda.Event(enable_timing=True)
-        ev.record(self.staging.stream)
+        ev.record(self.staging.stream())
         return ev
 
     def close(self) -> None:

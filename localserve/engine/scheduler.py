@@ -339,7 +339,11 @@ class Scheduler:
     def _schedule_steady(self) -> Plan | None:
         """The next step of the steady decode batch, or None when it does not apply (the
         batch changed, a request may be admitted, a row is at its length limit, a page is
-        short): the row-by-row path then plans it, with the same result where both apply."""
+        short): the row-by-row path then plans it, with the same result where both apply
+        (the engine schedules with at most one step in flight, as that path asserts; this one
+        would also take the newest of several). A queue of waiting requests with free
+        sequence slots sends every step down the row-by-row path, even when none can be
+        admitted (no pages, a fork waiting for its leader)."""
         sd = self._steady
         reqs = sd.reqs
         n = len(reqs)
@@ -402,6 +406,7 @@ class Scheduler:
         events: list[TokenEvent] = []
         pending = self._pending
         want_lp = out.logprobs is not None
+        assert len(out.token_ids) == len(step.sampled), "one sampled id per sampled row"
         eos, max_context = self.eos_token_ids, self.cfg.max_context
         # per row per step: kept lean; _check_stop only where a stop is possible
         for s, (req, tok) in enumerate(zip(step.sampled, out.token_ids.tolist())):
