@@ -13,6 +13,10 @@ computed at once (num_computed_tokens advances in `schedule`), and each sampled 
 that the backend fills from the previous step's device ids. `update` applies steps in order;
 a sequence that finished meanwhile has its extra sampled token dropped. With no step in flight
 (the synchronous engine) nothing is pending at `schedule` and the result is the same as before.
+
+Steady decode: while the same running sequences decode one token a step and none needs the
+host between steps, `schedule` plans the step with arrays (steady.py) instead of row by row;
+the plan and the state it leaves are the same.
 """
 
 from __future__ import annotations
