@@ -296,7 +296,8 @@ class CUDABackend(AttentionChoice):
             return ForwardOutput(token_ids=np.zeros(0, dtype=np.int64))
         events = self.step_events is not None and self.device.type == "cuda"
         logits, start = self._logits(plan, events)
-        out = sample(logits, plan.sampling, argmax_only=plan.argmax_only)  # ends with the one device-to-host copy of the ids
+        # ends with the one device-to-host copy of the ids
+        out = sample(logits, plan.sampling, argmax_only=plan.argmax_only)
         if events:
             self.step_events.append((start, self._event(True)))
         return out

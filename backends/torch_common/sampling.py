@@ -36,6 +36,7 @@ from localserve.backends.torch_common.token_bitmask import apply_token_bitmask, 
 from localserve.engine.plan import ForwardOutput, SamplingRow
 from localserve.engine.sampling_params import GREEDY_EPS
 from localserve.errors import InvalidRequestError
+
 _CANDIDATES = 256
 _MAX_DRAWS = 64
 _REJECTION_MIN_TOP_P = 0.25  # below it a nucleus is likely narrow: try the candidates first

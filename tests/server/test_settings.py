@@ -42,40 +42,26 @@ def test_bad_env_value(tmp_path):
         resolve_settings({}, {"LOCALSERVE_PORT": "eighty"}, tmp_path / "none.toml")
 
 
-def test_weights_choice(tmp_path):
+@pytest.mark.parametrize("field,env,bad", [("weights", "LOCALSERVE_WEIGHTS", "fp4"),
+                                            ("kv_dtype", "LOCALSERVE_KV_DTYPE", "int4")])
+def test_fp8_choices(tmp_path, field, env, bad):
     none = tmp_path / "none.toml"
-    assert resolve_settings({}, {}, none).weights == "auto"
-    assert resolve_settings({}, {"LOCALSERVE_WEIGHTS": "fp8"}, none).weights == "fp8"
-    with pytest.raises(SettingsError, match="weights must be one of auto, fp8"):
-        resolve_settings({"weights": "fp4"}, {}, none)
+    assert getattr(resolve_settings({}, {}, none), field) == "auto"
+    assert getattr(resolve_settings({}, {env: "fp8"}, none), field) == "fp8"
+    with pytest.raises(SettingsError, match=f"{field} must be one of auto, fp8"):
+        resolve_settings({field: bad}, {}, none)
 
 
-def test_fp8_weights_on_the_cpu_backend_are_a_clear_load_error():
+@pytest.mark.parametrize("config,words", [({"weight_format": "fp8"}, "fp8 weights need an NVIDIA GPU"),
+                                          ({"kv_dtype": "fp8"}, "fp8 KV cache needs an NVIDIA GPU")])
+def test_fp8_on_the_cpu_backend_is_a_clear_load_error(config, words):
     from localserve.backends.cpu.backend import CPUBackend
     from localserve.engine.backend import BackendConfig
     from localserve.errors import ModelLoadError
     from localserve.models.loader import load_weights
 
-    with pytest.raises(ModelLoadError, match="fp8 weights need an NVIDIA GPU"):
-        CPUBackend().load(load_weights("random:tiny-llama"), BackendConfig(weight_format="fp8"))
-
-
-def test_kv_dtype_choice(tmp_path):
-    none = tmp_path / "none.toml"
-    assert resolve_settings({}, {}, none).kv_dtype == "auto"
-    assert resolve_settings({}, {"LOCALSERVE_KV_DTYPE": "fp8"}, none).kv_dtype == "fp8"
-    with pytest.raises(SettingsError, match="kv_dtype must be one of auto, fp8"):
-        resolve_settings({"kv_dtype": "int4"}, {}, none)
-
-
-def test_fp8_kv_cache_on_the_cpu_backend_is_a_clear_load_error():
-    from localserve.backends.cpu.backend import CPUBackend
-    from localserve.engine.backend import BackendConfig
-    from localserve.errors import ModelLoadError
-    from localserve.models.loader import load_weights
-
-    with pytest.raises(ModelLoadError, match="fp8 KV cache needs an NVIDIA GPU"):
-        CPUBackend().load(load_weights("random:tiny-llama"), BackendConfig(kv_dtype="fp8"))
+    with pytest.raises(ModelLoadError, match=words):
+        CPUBackend().load(load_weights("random:tiny-llama"), BackendConfig(**config))
 
 
 def test_every_up_flag_reaches_the_settings(monkeypatch, tmp_path):
