@@ -73,11 +73,12 @@ def _plain(value: Any) -> Any:
 class ChatTemplate:
     """One compiled template plus the special-token strings it may refer to."""
 
-    __slots__ = ("source", "name", "special_tokens", "_template")
+    __slots__ = ("source", "name", "special_tokens", "_template", "_folds_system")
 
     def __init__(self, source: str, special_tokens: Mapping[str, str | None] | None = None, name: str = "") -> None:
         self.source = source
         self.name = name  # "" for a template from the model file, else the fallback's name
+        self._folds_system: bool | None = None
         # e.g. {"bos_token": "<bos>", "eos_token": "<eos>"}: templates write {{ bos_token }}
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         try:
@@ -104,16 +105,100 @@ class ChatTemplate:
                 raise InvalidRequestError("every message must be an object with a 'role'")
             chat.append({k: v for k, v in m.items() if v is not None})
         variables = {**self.special_tokens, **_plain(kwargs)}
+        tools = _plain(list(tools)) if tools is not None else None
+        if _late_system_turns(chat):
+            chat = self._place_system_turns(chat, add_generation_prompt, tools, variables)
         try:
-            return self._template.render(
-                messages=chat,
-                tools=_plain(list(tools)) if tools is not None else None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
+            return self._render(chat, add_generation_prompt, tools, variables)
         except jinja2.exceptions.TemplateError as e:
             raise InvalidRequestError(f"chat template: {e.message or e}") from e
+
+    def _render(self, chat: list[dict[str, Any]], add_generation_prompt: bool, tools: list | None,
+                variables: Mapping[str, Any]) -> str:
+        return self._template.render(messages=chat, tools=tools, documents=None,
+                                     add_generation_prompt=add_generation_prompt, **variables)
+
+    def _place_system_turns(self, chat: list[dict[str, Any]], add_generation_prompt: bool, tools: list | None,
+                            variables: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """System turns after the first message (agents send them mid-conversation) stay where
+        they are when the template gives system text a turn of its own and renders them there;
+        otherwise they are folded into the neighbouring user turn, which is where a template
+        such as Gemma's puts system text."""
+        if self.folds_system_into_user:
+            return fold_system_turns(chat)
+        try:
+            text = self._render(chat, add_generation_prompt, tools, variables)
+        except jinja2.exceptions.TemplateError:
+            return fold_system_turns(chat)
+        if all(_text(m.get("content")).strip() in text for m in _late_system_turns(chat)):
+            return chat
+        return fold_system_turns(chat)  # the template dropped them
+
+    @property
+    def folds_system_into_user(self) -> bool:
+        """True when the template writes a leading system message as the start of the first
+        user turn (Gemma, Mistral's early templates) instead of a turn of its own."""
+        if self._folds_system is None:
+            system, user = "localserve-system-probe", "localserve-user-probe"
+            try:
+                folded = self._render([{"role": "user", "content": f"{system}\n\n{user}"}], True, None,
+                                      self.special_tokens)
+                given = self._render([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                     True, None, self.special_tokens)
+                self._folds_system = folded == given
+            except jinja2.exceptions.TemplateError:
+                self._folds_system = False
+        return self._folds_system
+
+
+def _late_system_turns(chat: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [m for m in chat[1:] if m.get("role") == "system"]
+
+
+def _text(content: Any) -> str:
+    """A message's content as text (a list of text parts joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
+    return ""
+
+
+def fold_system_turns(chat: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every system turn after the first message joins the user turn before it (appended) or,
+    when an assistant turn precedes it, the user turn after it (prepended); with no user turn
+    beside it, it becomes a user turn of its own. The text keeps its place in the prompt."""
+    out: list[dict[str, Any]] = [dict(m) for m in chat[:1]]
+    pending: list[str] = []  # system text waiting for the next user turn
+    joined = False  # out[-1] is a user turn that system text was appended to
+    for m in chat[1:]:
+        role, text = m.get("role"), _text(m.get("content"))
+        if role == "system":
+            if out and out[-1].get("role") == "user" and not pending:
+                out[-1]["content"] = _join(_text(out[-1].get("content")), text)
+                joined = True
+            else:
+                pending.append(text)
+            continue
+        m = dict(m)
+        if joined and role == "user":  # the two user turns the system turn stood between
+            out[-1]["content"] = _join(_text(out[-1].get("content")), _text(m.get("content")))
+            joined = False
+            continue
+        joined = False
+        if pending and role == "user":
+            m["content"] = _join(*pending, _text(m.get("content")))
+        elif pending:
+            out.append({"role": "user", "content": _join(*pending)})
+        pending = []
+        out.append(m)
+    if pending:
+        out.append({"role": "user", "content": _join(*pending)})
+    return out
+
+
+def _join(*texts: str) -> str:
+    return "\n\n".join(t for t in texts if t)
 
 
 def load_builtin_template(name: str) -> str:

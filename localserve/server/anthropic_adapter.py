@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import msgspec
 
@@ -26,10 +26,15 @@ from localserve.server.anthropic_protocol import (
     ToolUseBlock,
 )
 from localserve.server.anthropic_protocol import ToolChoice as AnthropicToolChoice
+from localserve.server.anthropic_betas import ADVANCED_TOOL_USE, MID_CONVERSATION_TOOL_CHANGES, refuse_feature
+from localserve.server.request_log import note
 from localserve.server.tools import ToolChoice, ToolSpec
+from localserve.server.volatile_text import is_volatile
 
 # blocks a client may send back from an earlier answer that carry nothing for this model
 _SKIPPED_BLOCKS = {"thinking", "redacted_thinking"}
+# blocks this text model cannot read: leaving them out would change what the request means
+_REFUSED_BLOCKS = {"image", "document", "container_upload"}
 _TOOL_CHOICES = {"auto", "any", "tool", "none"}
 
 
@@ -43,33 +48,50 @@ class ChatInput:
     parallel: bool = True
 
 
-def chat_input(req: PromptFields) -> ChatInput:
+def chat_input(req: PromptFields, betas: Sequence[str] = ()) -> ChatInput:
+    """betas: the request's `anthropic-beta` values (they decide how a feature this server
+    cannot honour is refused)."""
     if not req.messages:
         raise InvalidRequestError("messages: at least one message is required")
     messages: list[dict[str, Any]] = []
-    system = _system_text(req.system)
+    system = _system_text(req.system, "system", betas)
     if system:
         messages.append({"role": "system", "content": system})
     for i, m in enumerate(req.messages):
+        if m.role == "system":
+            # Claude Code's mid-conversation system turns: the chat template places them
+            messages.append({"role": "system", "content": _system_text(m.content, f"messages.{i}.content", betas)})
+            continue
         if m.role not in ("user", "assistant"):
-            raise InvalidRequestError(f"messages.{i}.role: must be 'user' or 'assistant', got {m.role!r} "
-                                      "(the system prompt goes in the top-level 'system' field)")
+            raise InvalidRequestError(f"messages.{i}.role: must be 'user', 'assistant' or 'system', got {m.role!r}")
         for msg in _convert(m.role, m.content, f"messages.{i}"):
             _append(messages, msg)
-    out = ChatInput(messages=messages, tools=_tools(req.tools or []))
+    if all(m["role"] == "system" for m in messages):
+        raise InvalidRequestError("messages: at least one user or assistant message is required")
+    out = ChatInput(messages=messages, tools=_tools(req.tools or [], betas))
     _apply_tool_choice(out, req.tool_choice)
     return out
 
 
-def _system_text(system: str | list[dict[str, Any]] | None) -> str:
+def _system_text(system: str | list[dict[str, Any]] | None, where: str, betas: Sequence[str]) -> str:
+    """System text; blocks whose text changes with every request and means nothing here (an
+    agent's billing header) are dropped, so the prompt's prefix stays the same."""
     if system is None or isinstance(system, str):
         return system or ""
     texts = []
     for j, block in enumerate(system):
-        if block.get("type") != "text":
-            raise InvalidRequestError(f"system.{j}: only text blocks are allowed in the system prompt, "
-                                      f"got type {block.get('type')!r}")
-        texts.append(_block(block, TextBlock, f"system.{j}").text)
+        kind = block.get("type")
+        if kind in ("tool_addition", "tool_removal"):
+            refuse_feature(betas, MID_CONVERSATION_TOOL_CHANGES,
+                           f"{where}.{j}: {kind} blocks (tools changed mid-conversation) are not supported by "
+                           "this server; send the tools in the top-level 'tools' field")
+        if kind != "text":
+            raise InvalidRequestError(f"{where}.{j}: only text blocks are allowed in system text, got type {kind!r}")
+        text = _block(block, TextBlock, f"{where}.{j}").text
+        if is_volatile(text):
+            note("dropped a volatile system block (billing header) for the prefix cache")
+        else:
+            texts.append(text)
     return "\n\n".join(texts)
 
 
@@ -101,9 +123,13 @@ def _convert(role: str, content: str | list[dict[str, Any]], where: str) -> list
                             "content": f"Error: {text}" if res.is_error else text})
         elif kind in _SKIPPED_BLOCKS:
             continue
+        elif kind in _REFUSED_BLOCKS:
+            raise InvalidRequestError(f"{at}: content blocks of type {kind!r} are not supported by this text-only "
+                                      "model (text, tool_use and tool_result are)")
         else:
-            raise InvalidRequestError(f"{at}: content blocks of type {kind!r} are not supported by this server "
-                                      "(text, tool_use and tool_result are)")
+            # server tools' history (server_tool_use, web_search_tool_result, ...) and types
+            # this server does not know carry nothing this model can act on
+            note(f"ignored a {kind!r} content block")
     out = list(results)
     if texts or calls or not results:
         msg: dict[str, Any] = {"role": role, "content": "\n\n".join(texts)}
@@ -118,10 +144,14 @@ def _result_text(content: str | list[dict[str, Any]] | None, at: str) -> str:
         return content or ""
     texts = []
     for k, block in enumerate(content):
-        if block.get("type") != "text":
-            raise InvalidRequestError(f"{at}.content.{k}: only text is supported in a tool_result, "
-                                      f"got type {block.get('type')!r}")
-        texts.append(_block(block, TextBlock, f"{at}.content.{k}").text)
+        kind = block.get("type")
+        if kind == "text":
+            texts.append(_block(block, TextBlock, f"{at}.content.{k}").text)
+        elif kind in _REFUSED_BLOCKS:
+            raise InvalidRequestError(f"{at}.content.{k}: a tool_result of type {kind!r} cannot be read by this "
+                                      "text-only model")
+        else:
+            note(f"ignored a {kind!r} block in a tool_result")
     return "\n\n".join(texts)
 
 
@@ -145,12 +175,20 @@ def _block(block: dict[str, Any], kind: type, at: str):
         raise InvalidRequestError(f"{at}: {e}") from None
 
 
-def _tools(tools: list[Tool]) -> list[ToolSpec]:
+def _tools(tools: list[Tool], betas: Sequence[str]) -> list[ToolSpec]:
     out = []
     for i, tool in enumerate(tools):
         if tool.type not in (None, "custom"):
-            raise InvalidRequestError(f"tools.{i}: server tools ({tool.type!r}) are not supported; "
-                                      "define client tools with name, description and input_schema")
+            # server tools (web_search_..., code_execution_...) and Anthropic-defined ones run
+            # on Anthropic's side or have no schema here: the model is not shown them
+            note(f"left out tool {tool.name!r} of type {tool.type!r} (server and Anthropic-defined tools)")
+            continue
+        if tool.defer_loading:
+            refuse_feature(betas, ADVANCED_TOOL_USE,
+                           f"tools.{i}.defer_loading: deferred tools need a server-side tool search, which this "
+                           "server does not have; send the tool's full definition")
+        if tool.input_schema is None:
+            raise InvalidRequestError(f"tools.{i}.input_schema: required for a client tool")
         out.append(ToolSpec.checked(tool.name, tool.description, tool.input_schema, where=f"tools.{i}.input_schema"))
     names = [t.name for t in out]
     if dup := sorted({n for n in names if names.count(n) > 1}):

@@ -12,7 +12,7 @@ import logging
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from localserve.errors import EngineOverloadedError, LocalServeError
+from localserve.errors import ContextOverflowError, EngineOverloadedError, LocalServeError
 from localserve.server.anthropic_protocol import ErrorDetail, ErrorResponse
 from localserve.server.errors import malformed_json
 
@@ -48,11 +48,19 @@ def _respond(status: int, message: str, headers: dict[str, str] | None = None) -
                     headers=headers)
 
 
+def message_of(exc: LocalServeError) -> str:
+    """The error's text; a prompt longer than the context reads as Anthropic's API words it,
+    which is what Claude Code recognises (it then compacts the conversation and retries)."""
+    if isinstance(exc, ContextOverflowError):
+        return f"prompt is too long: {exc.num_tokens} tokens > {exc.max_context - 1} maximum"
+    return str(exc)
+
+
 def on_localserve_error(_: Request, exc: LocalServeError) -> Response:
     if exc.status >= 500:
         log.error("%s", exc)
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, EngineOverloadedError) else None
-    return _respond(status_of(exc), str(exc), headers)
+    return _respond(status_of(exc), message_of(exc), headers)
 
 
 def on_validation_error(_: Request, exc: ValidationException) -> Response:

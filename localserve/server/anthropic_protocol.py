@@ -41,9 +41,10 @@ class ToolResultBlock(msgspec.Struct, kw_only=True):
 
 class Tool(msgspec.Struct, kw_only=True):
     name: str
-    input_schema: dict[str, Any]
+    input_schema: dict[str, Any] | None = None  # required for client tools; server tools have none
     description: str | None = None
-    type: str | None = None  # "custom" or absent; server tools (web_search, ...) are refused
+    type: str | None = None  # "custom" or absent; server tools (web_search_..., ...) are left out
+    defer_loading: bool = False  # advanced tool use: refused (no server-side tool search)
 
 
 class ToolChoice(msgspec.Struct, kw_only=True):

@@ -10,9 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-import msgspec
 from litestar import Request, Response, post
-from litestar.response import Stream
 
 from localserve.engine.outputs import SeqDelta
 from localserve.errors import InvalidRequestError, LocalServeError
@@ -23,7 +21,8 @@ from localserve.server.anthropic_adapter import (
     stop_reason,
 )
 from localserve.server.anthropic_answer import AnswerBlocks
-from localserve.server.anthropic_errors import EXCEPTION_HANDLERS, error_body, status_of
+from localserve.server.anthropic_betas import betas_of
+from localserve.server.anthropic_errors import EXCEPTION_HANDLERS, error_body, message_of, status_of
 from localserve.server.anthropic_protocol import (
     CountTokensRequest,
     CountTokensResponse,
@@ -37,19 +36,13 @@ from localserve.server.anthropic_protocol import (
     PromptFields,
     Usage,
 )
-from localserve.server.openai_routes import SSE_HEADERS, until_disconnect
+from localserve.server.openai_routes import until_disconnect
 from localserve.server.served_model import ServedModel
+from localserve.server.sse import EventStream, named_event, typed_event
 from localserve.server.state import served_model
 from localserve.server.tools import OutputParser, ToolPlan
 
 log = logging.getLogger("localserve.server")
-_encoder = msgspec.json.Encoder()
-
-
-def sse_event(event) -> bytes:
-    """`event: <type>` then the JSON: Anthropic's SDKs dispatch on the event line."""
-    name = type(event).__struct_config__.tag
-    return b"event: " + name.encode() + b"\ndata: " + _encoder.encode(event) + b"\n\n"
 
 
 def _request_id() -> str:
@@ -78,7 +71,7 @@ def prepare(request: Request, data: PromptFields) -> Prepared:
     served.check_model(data.model)
     if served.tokenizer is None:
         raise InvalidRequestError("this model has no tokenizer or chat template, so it cannot serve /v1/messages")
-    chat = chat_input(data)
+    chat = chat_input(data, betas_of(request.headers.get("anthropic-beta")))
     plan = ToolPlan.build(chat.tools, chat.choice, chat.parallel, served.tokenizer)
     # a final assistant turn is a prefill: the answer continues it (and does not repeat it)
     last = chat.messages[-1]
@@ -106,8 +99,7 @@ async def create_message(data: MessagesRequest, request: Request) -> Message:
         # the first delta comes after prefill: an error until then (a grammar that does not
         # compile, a prompt the engine refuses) still gets its HTTP status instead of a 200
         first = await until_disconnect(request, asyncio.ensure_future(anext(stream)))
-        return Stream(_events(first, stream, prep.blocks(data), data, mid), media_type="text/event-stream",
-                      headers={**SSE_HEADERS, "request-id": rid})
+        return EventStream(_events(first, stream, prep.blocks(data), data, mid), headers={"request-id": rid})
     work = asyncio.ensure_future(_whole(stream, prep.blocks(data), data, mid))
     return Response(await until_disconnect(request, work), headers={"request-id": rid})
 
@@ -145,23 +137,23 @@ async def _events(first: SeqDelta, stream: AsyncIterator[SeqDelta], answer: Answ
     error after the stream began is an `error` event: the status line is long gone."""
     last = first
     try:
-        yield sse_event(MessageStart(message=Message(
+        yield typed_event(MessageStart(message=Message(
             id=mid, model=data.model, content=[], stop_reason=None, stop_sequence=None, usage=usage_of(first))))
-        yield sse_event(Ping())
+        yield typed_event(Ping())
         for event in answer.feed(first.text):
-            yield sse_event(event)
+            yield typed_event(event)
         async for d in stream:  # to its end even after the finishing delta: it then counts as finished
             last = d
             for event in answer.feed(d.text):
-                yield sse_event(event)
+                yield typed_event(event)
         for event in answer.finish():
-            yield sse_event(event)
+            yield typed_event(event)
         reason, sequence = _finished(last, answer, data)
-        yield sse_event(MessageDelta(delta=MessageDeltaBody(stop_reason=reason, stop_sequence=sequence),
+        yield typed_event(MessageDelta(delta=MessageDeltaBody(stop_reason=reason, stop_sequence=sequence),
                                      usage=usage_of(last)))
-        yield sse_event(MessageStop())
+        yield typed_event(MessageStop())
     except LocalServeError as exc:
-        yield _error_event(status_of(exc), str(exc))
+        yield _error_event(status_of(exc), message_of(exc))
     except Exception as exc:  # noqa: BLE001 - the client hears of it; the log keeps the trace
         log.exception("unexpected error while streaming an Anthropic message")
         yield _error_event(500, f"internal server error ({type(exc).__name__})")
@@ -170,7 +162,7 @@ async def _events(first: SeqDelta, stream: AsyncIterator[SeqDelta], answer: Answ
 
 
 def _error_event(status: int, message: str) -> bytes:
-    return b"event: error\ndata: " + _encoder.encode(error_body(status, message)) + b"\n\n"
+    return named_event("error", error_body(status, message))
 
 
 ROUTES = [create_message, count_tokens]

@@ -11,7 +11,7 @@ import logging
 import threading
 from typing import Callable
 
-from litestar import Litestar, MediaType, Request, Response, get
+from litestar import Litestar, MediaType, Request, Response, get, head
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
@@ -26,12 +26,24 @@ from localserve.server.openai_routes import ROUTES as OPENAI_ROUTES
 from localserve.server.responses_routes import ROUTES as RESPONSES_ROUTES
 from localserve.server.monitoring import ROUTES as MONITOR_ROUTES
 from localserve.server.monitoring import Monitoring
+from localserve.server.request_log import request_log_middleware
 from localserve.server.state import STATE_KEY, ServerState, server_state
 
 log = logging.getLogger("localserve.server")
 
 # browsers on this machine only, unless --cors-origin says otherwise
 LOCALHOST_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+@get("/", summary="Liveness: 200 while the server runs (the model may still be loading)", tags=["server"],
+     media_type=MediaType.TEXT)
+async def root() -> str:
+    return "localserve is running"
+
+
+@head("/", summary="Liveness without a body", tags=["server"])
+async def root_head() -> None:
+    return None
 
 
 @get("/health", summary="Readiness: 200 when the model serves, 503 while it loads", tags=["server"])
@@ -79,13 +91,15 @@ def create_app(state: ServerState, *, load: Callable[[ServerState], None] | None
                       allow_origin_regex=None if cors_origins else LOCALHOST_ORIGINS,
                       allow_methods=["*"], allow_headers=["*"])
     return Litestar(
-        route_handlers=[*OPENAI_ROUTES, *ANTHROPIC_ROUTES, *RESPONSES_ROUTES, health, metrics, *MONITOR_ROUTES],
+        route_handlers=[*OPENAI_ROUTES, *ANTHROPIC_ROUTES, *RESPONSES_ROUTES, root, root_head, health, metrics, *MONITOR_ROUTES],
         state=_app_state(state, monitoring.app_state()),
         guards=[api_key_guard],
+        middleware=[request_log_middleware],
         cors_config=cors,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(title="localserve", version=__version__, path="/openapi"),
+        logging_config=None,  # `localserve up` configures logging; Litestar's would replace it
         on_startup=[start_loading, monitoring.start],
         on_shutdown=[monitoring.stop, shutdown],
     )

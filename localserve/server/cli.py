@@ -31,6 +31,10 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                    help="sequences decoded at once (default: 32)")
     p.add_argument("--max-queued", type=int, default=None,
                    help="sequences waiting beyond those; more get 429 + Retry-After (default: 256)")
+    p.add_argument("--max-tokens-default", type=int, default=None,
+                   help="tokens generated for a request that sets no max_tokens (OpenAI chat, Responses); "
+                        "a looping model then stops with finish_reason 'length' (like Ollama's num_predict; "
+                        "0: up to the context; default: 4096)")
     p.add_argument("--api-key", dest="api_keys", action="append", default=None,
                    help="require this key on /v1 routes (Authorization: Bearer KEY); repeatable")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: from MODEL)")
@@ -152,7 +156,8 @@ def _warm_up(engine) -> None:
 def _limits(settings):
     from localserve.server.served_model import Limits
 
-    return Limits(max_running=settings.max_running, max_queued=settings.max_queued)
+    return Limits(max_running=settings.max_running, max_queued=settings.max_queued,
+                  max_tokens_default=settings.max_tokens_default)
 
 
 def _url_host(host: str) -> str:

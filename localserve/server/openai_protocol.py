@@ -188,12 +188,29 @@ class Completion(msgspec.Struct):
     object: Literal["text_completion"] = "text_completion"
 
 
-class ModelCard(msgspec.Struct):
+class ModelMeta(msgspec.Struct):
+    """llama.cpp's `meta` object of a model card."""
+
+    n_ctx: int
+    n_ctx_train: int
+    n_vocab: int
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    """A served model. Its context window is given in the fields clients look for: vLLM's
+    `max_model_len`, `context_length` / `context_window` (OpenRouter, LM Studio and agent
+    catalogs) and llama.cpp's `meta.n_ctx`; `max_output_tokens` is the most one request can
+    generate (a prompt of one token)."""
+
     id: str
     created: int
     owned_by: str = "localserve"
     object: Literal["model"] = "model"
     max_model_len: int | None = None
+    context_length: int | None = None
+    context_window: int | None = None
+    max_output_tokens: int | None = None
+    meta: ModelMeta | None = None
 
 
 class ModelList(msgspec.Struct):

@@ -7,9 +7,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
-import msgspec
 from litestar import Request, get, post
-from litestar.response import Stream
 
 from localserve.errors import InvalidRequestError, LocalServeError
 from localserve.server.errors import error_body
@@ -32,27 +30,21 @@ from localserve.server.openai_protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    ModelMeta,
 )
 from localserve.server.openai_responses import ChoiceState, TokenText, UsageCounter, merge
+from localserve.server.request_log import ClientDisconnected
 from localserve.server.served_model import ServedModel
+from localserve.server.sse import SSE_DONE, EventStream, data_event
 from localserve.server.state import served_model
 from localserve.server.tools import CallStart, OutputParser, ReasoningDelta, TextDelta, ToolPlan
 from localserve.server.tools import tool_choice_from_openai, tools_from_openai
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_encoder = msgspec.json.Encoder()
-
-
-def sse(payload) -> bytes:
-    return b"data: " + _encoder.encode(payload) + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
 
 
 async def until_disconnect(request: Request, work: asyncio.Future):
     """Awaits `work`; if the client goes away first, cancels it (its requests are aborted and
-    their pages freed) and re-raises the cancellation."""
+    their pages freed) and raises ClientDisconnected."""
     async def watch() -> None:
         while True:
             message = await request.receive()
@@ -67,7 +59,7 @@ async def until_disconnect(request: Request, work: asyncio.Future):
     if work not in done:
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
-        raise asyncio.CancelledError("client disconnected")
+        raise ClientDisconnected()
     return work.result()
 
 
@@ -96,13 +88,13 @@ async def chat_completions(data: ChatCompletionRequest, request: Request) -> Cha
     text = plan.render(tokenizer, chat_messages(data.messages), add_generation_prompt=data.add_generation_prompt,
                        **kwargs)
     prompt = tokenizer.encode(text, add_special_tokens=False)
+    served.apply_default_max_tokens(params, len(prompt))
     await compile_guided(served, params)
     streams = served.submit([prompt], params, arrival)
     parsers = [OutputParser.for_request(plan, tokenizer, text) for _ in range(data.n)]
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_chat_stream(served, streams, data, parsers, include_usage), media_type="text/event-stream",
-                      headers=SSE_HEADERS)
+        return EventStream(_chat_stream(served, streams, data, parsers, include_usage))
     return await until_disconnect(request, asyncio.ensure_future(_chat_whole(served, streams, data, parsers)))
 
 
@@ -155,7 +147,7 @@ async def _chat_stream(served: ServedModel, streams, data: ChatCompletionRequest
     usage = UsageCounter()
 
     def chunk(choices, u=None) -> bytes:
-        return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=u))
+        return data_event(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=u))
 
     for i in range(data.n):
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
@@ -174,7 +166,7 @@ async def _chat_stream(served: ServedModel, streams, data: ChatCompletionRequest
                 reason = _finish_reason(d.finish_reason, parsers[c].calls)
                 yield chunk([ChatChunkChoice(index=c, delta=ChatDelta(), finish_reason=reason)])
     except LocalServeError as exc:
-        yield sse(error_body(exc))
+        yield data_event(error_body(exc))
     if include_usage:
         yield chunk([], usage.usage())
     yield SSE_DONE
@@ -239,8 +231,7 @@ async def completions(data: CompletionRequest, request: Request) -> Completion:
     streams = served.submit(prompts, params, arrival)
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_completion_stream(served, streams, data, echoes, include_usage),
-                      media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStream(_completion_stream(served, streams, data, echoes, include_usage))
     return await until_disconnect(request, asyncio.ensure_future(_completion_whole(served, streams, data, echoes)))
 
 
@@ -276,7 +267,7 @@ async def _completion_stream(served: ServedModel, streams, data: CompletionReque
     offsets: dict[int, int] = {}
 
     def chunk(choices, u=None) -> bytes:
-        return sse(Completion(id=rid, created=created, model=model, choices=choices, usage=u))
+        return data_event(Completion(id=rid, created=created, model=model, choices=choices, usage=u))
 
     for c in range(data.n * len(streams)):
         if echoes[c // data.n]:
@@ -293,7 +284,7 @@ async def _completion_stream(served: ServedModel, streams, data: CompletionReque
                 yield chunk([CompletionChoice(index=c, text=d.text, finish_reason=d.finish_reason, logprobs=lp,
                                               stop_reason=d.stop_reason)])
     except LocalServeError as exc:
-        yield sse(error_body(exc))
+        yield data_event(error_body(exc))
     if include_usage:
         yield chunk([], usage.usage())
     yield SSE_DONE
@@ -305,8 +296,7 @@ async def _completion_stream(served: ServedModel, streams, data: CompletionReque
 @get("/v1/models", summary="List the served models", tags=["openai"])
 async def list_models(request: Request) -> ModelList:
     served = served_model(request)
-    return ModelList(data=[ModelCard(id=name, created=served.created, max_model_len=served.max_context)
-                           for name in served.names])
+    return ModelList(data=[model_card(served, name) for name in served.names])
 
 
 @get("/v1/models/{model_id:path}", summary="Describe a served model", tags=["openai"])
@@ -314,7 +304,14 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
     served = served_model(request)
     model_id = model_id.lstrip("/")
     served.check_model(model_id or "\0")
-    return ModelCard(id=model_id, created=served.created, max_model_len=served.max_context)
+    return model_card(served, model_id)
+
+
+def model_card(served: ServedModel, name: str) -> ModelCard:
+    ctx, config = served.max_context, served.loaded.config
+    return ModelCard(id=name, created=served.created, max_model_len=ctx, context_length=ctx, context_window=ctx,
+                     max_output_tokens=ctx - 1,
+                     meta=ModelMeta(n_ctx=ctx, n_ctx_train=config.max_context, n_vocab=config.vocab_size))
 
 
 ROUTES = [chat_completions, completions, list_models, get_model]

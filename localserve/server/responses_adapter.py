@@ -10,12 +10,13 @@ request alone happens here, before anything reaches the engine.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import AbstractSet, Any
 
 from localserve.engine.guided import GuidedDecoding
 from localserve.engine.sampling_params import SamplingParams
 from localserve.errors import InvalidRequestError
 from localserve.server.anthropic_adapter import ChatInput
+from localserve.server.request_log import note
 from localserve.server.responses_protocol import ResponsesRequest
 from localserve.server.tools import ToolChoice, ToolSpec
 
@@ -42,9 +43,9 @@ def chat_input(req: ResponsesRequest) -> ChatInput:
     check_stateless(req)
     if req.input is None or req.input == "" or req.input == []:
         raise InvalidRequestError("input: required; give a string or a list of input items")
-    # system and developer text, wherever it appears, joins `instructions` as the one leading
-    # system prompt: Codex sends developer messages between user turns, and most templates
-    # (Gemma's, Llama's) take a system prompt only as the first message
+    # system and developer text before the conversation joins `instructions` as the leading
+    # system prompt; later system turns keep their place (the chat template places them, so a
+    # new one does not change the prompt before it and the prefix cache still holds)
     system = [req.instructions] if req.instructions else []
     messages: list[dict[str, Any]] = []
     items = [{"type": "message", "role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
@@ -69,14 +70,20 @@ def _add_item(messages: list[dict[str, Any]], system: list[str], item: Any, at: 
             raise InvalidRequestError(f"{at}.role: must be one of user, assistant, system, developer; "
                                       f"got {item.get('role')!r}")
         text = _text(item.get("content"), f"{at}.content")
-        if role == "system":
+        if role == "system" and not messages:
             system.append(text)
+        elif role == "system":
+            messages.append({"role": "system", "content": text})
         else:
             _append(messages, {"role": role, "content": text})
     elif kind == "function_call":
         name, call_id, args = item.get("name"), item.get("call_id"), item.get("arguments", "{}")
+        namespace = item.get("namespace")
         if not isinstance(name, str) or not isinstance(call_id, str) or not isinstance(args, str):
             raise InvalidRequestError(f"{at}: a function_call item needs string call_id, name and arguments")
+        if namespace is not None and not isinstance(namespace, str):
+            raise InvalidRequestError(f"{at}.namespace: must be a string")
+        name = qualified_name(namespace, name)
         call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
         prev = messages[-1] if messages else None
         # a run of function_call items are one assistant turn's calls (parallel calls)
@@ -93,9 +100,12 @@ def _add_item(messages: list[dict[str, Any]], system: list[str], item: Any, at: 
         return
     elif kind == "item_reference":
         raise InvalidRequestError(f"{at}: item_reference needs stored items; this server is stateless")
+    elif kind is None:
+        raise InvalidRequestError(f"{at}.type: required (message, function_call, function_call_output, ...)")
     else:
-        raise InvalidRequestError(f"{at}.type: input items of type {kind!r} are not supported by this server "
-                                  "(message, function_call, function_call_output and reasoning are)")
+        # hosted tools' calls and results (web_search_call, ...) and item types this server
+        # does not know: nothing this model can act on
+        note(f"ignored an input item of type {kind!r}")
 
 
 def _text(content: Any, at: str) -> str:
@@ -126,16 +136,42 @@ def _append(messages: list[dict[str, Any]], msg: dict[str, Any]) -> None:
 # -- tools ---------------------------------------------------------------------------------------
 
 
+NAMESPACE_SEPARATOR = "."
+
+
+def qualified_name(namespace: str | None, name: str) -> str:
+    """The name the model sees for a function of a namespace tool: `namespace.name` (OpenAI's
+    function names cannot hold a dot, so it never meets a plain function's name)."""
+    return f"{namespace}{NAMESPACE_SEPARATOR}{name}" if namespace else name
+
+
+def split_name(qualified: str, namespaces: AbstractSet[str]) -> tuple[str | None, str]:
+    """(namespace, name) of a name the model called."""
+    namespace, sep, name = qualified.partition(NAMESPACE_SEPARATOR)
+    return (namespace, name) if sep and namespace in namespaces else (None, qualified)
+
+
+def namespaces_of(tools: list[dict[str, Any]] | None) -> set[str]:
+    return {t["name"] for t in tools or [] if t.get("type") == "namespace" and isinstance(t.get("name"), str)}
+
+
 def tools_of(tools: list[dict[str, Any]] | None) -> list[ToolSpec]:
-    """The flat Responses shape {type: function, name, description, parameters, strict}."""
+    """Function tools {type: function, name, description, parameters, strict}, and the function
+    tools of namespace tools {type: namespace, name, tools: [...]}, which the model sees as
+    `namespace.name`. Hosted tools (web_search, file_search, local_shell, ...) run on OpenAI's
+    side: the model is not shown them."""
     out = []
     for i, tool in enumerate(tools or []):
+        if not isinstance(tool, dict):
+            raise InvalidRequestError(f"tools[{i}]: a tool must be an object")
         kind = tool.get("type")
-        if kind != "function":
-            raise InvalidRequestError(f"tools[{i}].type: tools of type {kind!r} are not supported by this server; "
-                                      "only function tools are")
-        out.append(ToolSpec.checked(tool.get("name"), tool.get("description"), tool.get("parameters"),
-                                    where=f"tools[{i}]"))
+        if kind == "function":
+            out.append(ToolSpec.checked(tool.get("name"), tool.get("description"), tool.get("parameters"),
+                                        where=f"tools[{i}]"))
+        elif kind == "namespace":
+            out += _namespace_tools(tool, f"tools[{i}]")
+        else:
+            note(f"left out hosted tool {kind!r}")
     names = [t.name for t in out]
     if dup := sorted({n for n in names if names.count(n) > 1}):
         raise InvalidRequestError(f"tools: function names must be unique, {dup[0]!r} appears more than once")
@@ -158,9 +194,22 @@ def tool_choice_of(choice: str | dict[str, Any] | None, tools: list[ToolSpec]) -
     return ToolChoice("function", choice["name"])
 
 
-def tools_echo(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    return [{"type": "function", "name": t.get("name"), "description": t.get("description"),
-             "parameters": t.get("parameters"), "strict": t.get("strict")} for t in tools or []]
+def _namespace_tools(tool: dict[str, Any], at: str) -> list[ToolSpec]:
+    namespace, members = tool.get("name"), tool.get("tools")
+    if not isinstance(namespace, str) or not namespace or NAMESPACE_SEPARATOR in namespace:
+        raise InvalidRequestError(f"{at}.name: a namespace tool needs a name without '.'")
+    if not isinstance(members, list):
+        raise InvalidRequestError(f"{at}.tools: a namespace tool needs its list of tools")
+    out = []
+    for j, member in enumerate(members):
+        if not isinstance(member, dict) or member.get("type") != "function":
+            note(f"left out tool of type {member.get('type') if isinstance(member, dict) else None!r} "
+                 f"in namespace {namespace!r}")
+            continue
+        name = member.get("name")
+        out.append(ToolSpec.checked(qualified_name(namespace, name) if isinstance(name, str) else name,
+                                    member.get("description"), member.get("parameters"), where=f"{at}.tools[{j}]"))
+    return out
 
 
 # -- sampling ------------------------------------------------------------------------------------

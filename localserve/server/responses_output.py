@@ -11,9 +11,11 @@ what it sent: a call that broke off stays, with status incomplete.
 from __future__ import annotations
 
 import uuid
+from typing import AbstractSet
 
 import msgspec
 
+from localserve.server.responses_adapter import split_name
 from localserve.server.responses_protocol import (
     ArgsDeltaEvent,
     ArgsDoneEvent,
@@ -42,8 +44,18 @@ def item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def items_of(parsed: ParsedOutput, truncated: bool) -> list[OutputItem]:
-    """truncated: the answer stopped at max_output_tokens, so its message is incomplete."""
+def call_item(call_id: str, qualified: str, arguments: str, status: str,
+              namespaces: AbstractSet[str]) -> FunctionCallItem:
+    """A function_call item; a namespace tool's function is named as the client defined it,
+    with its namespace beside it."""
+    namespace, name = split_name(qualified, namespaces)
+    return FunctionCallItem(id=item_id("fc"), call_id=call_id, name=name, namespace=namespace, arguments=arguments,
+                            status=status)
+
+
+def items_of(parsed: ParsedOutput, truncated: bool, namespaces: AbstractSet[str] = frozenset()) -> list[OutputItem]:
+    """truncated: the answer stopped at max_output_tokens, so its message is incomplete;
+    namespaces: the request's namespace tools."""
     items: list[OutputItem] = []
     if parsed.reasoning:
         items.append(ReasoningItem(id=item_id("rs"), status="incomplete" if truncated and parsed.content is None
@@ -51,16 +63,16 @@ def items_of(parsed: ParsedOutput, truncated: bool) -> list[OutputItem]:
     if parsed.content:
         items.append(MessageItem(id=item_id("msg"), status="incomplete" if truncated else "completed",
                                  content=[OutputText(text=parsed.content)]))
-    items += [FunctionCallItem(id=item_id("fc"), call_id=c.id, name=c.name, arguments=c.arguments, status="completed")
-              for c in parsed.calls]
+    items += [call_item(c.id, c.name, c.arguments, "completed", namespaces) for c in parsed.calls]
     return items
 
 
 class OutputItems:
     """Items in output order, one open (receiving deltas) at a time."""
 
-    def __init__(self, parser: OutputParser) -> None:
+    def __init__(self, parser: OutputParser, namespaces: AbstractSet[str] = frozenset()) -> None:
         self.parser = parser
+        self.namespaces = namespaces
         self.items: list[OutputItem] = []
         self._open = False
 
@@ -93,8 +105,7 @@ class OutputItems:
                     self.items[-1].content[0].text += ev.text
                     out.append(TextDeltaEvent(**self._where(), content_index=0, delta=ev.text))
             elif isinstance(ev, CallStart):
-                out += self._start(FunctionCallItem(id=item_id("fc"), call_id=ev.id, name=ev.name, arguments="",
-                                                    status="in_progress"), None)
+                out += self._start(call_item(ev.id, ev.name, "", "in_progress", self.namespaces), None)
             elif isinstance(ev, ArgsDelta) and ev.text:
                 assert self._is_open(FunctionCallItem), "arguments arrive for the open call only"
                 self.items[-1].arguments += ev.text

@@ -56,12 +56,13 @@ class MessageItem(msgspec.Struct, tag="message", tag_field="type", kw_only=True)
     role: Literal["assistant"] = "assistant"
 
 
-class FunctionCallItem(msgspec.Struct, tag="function_call", tag_field="type", kw_only=True):
+class FunctionCallItem(msgspec.Struct, tag="function_call", tag_field="type", kw_only=True, omit_defaults=True):
     id: str
     call_id: str
     name: str
     arguments: str
     status: str
+    namespace: str | None = None  # set for a function of a namespace tool; `name` is then its own name
 
 
 class ReasoningItem(msgspec.Struct, tag="reasoning", tag_field="type", kw_only=True):

@@ -12,15 +12,13 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-import msgspec
 from litestar import Request, post
-from litestar.response import Stream
 
 from localserve.engine.outputs import SeqDelta
 from localserve.errors import InvalidRequestError, LocalServeError
 from localserve.server.anthropic_adapter import fit_max_tokens
-from localserve.server.openai_routes import SSE_HEADERS, compile_guided, until_disconnect
-from localserve.server.responses_adapter import chat_input, sampling_params, text_echo, tools_echo
+from localserve.server.openai_routes import compile_guided, until_disconnect
+from localserve.server.responses_adapter import chat_input, namespaces_of, sampling_params, text_echo
 from localserve.server.responses_output import OutputItems, item_id, items_of
 from localserve.server.responses_protocol import (
     Completed,
@@ -39,11 +37,11 @@ from localserve.server.responses_protocol import (
     Usage,
 )
 from localserve.server.served_model import ServedModel
+from localserve.server.sse import EventStream, typed_event
 from localserve.server.state import served_model
 from localserve.server.tools import OutputParser, ToolPlan
 
 log = logging.getLogger("localserve.server")
-_encoder = msgspec.json.Encoder()
 
 
 @dataclass(slots=True)
@@ -62,7 +60,7 @@ class Echo:
             id=self.id, created_at=self.created_at, status=status, model=self.model,
             output=list(output.items if isinstance(output, OutputItems) else output or []), usage=usage, error=error,
             incomplete_details=IncompleteDetails("max_output_tokens") if status == "incomplete" else None,
-            instructions=d.instructions, tools=tools_echo(d.tools),
+            instructions=d.instructions, tools=list(d.tools or []),
             tool_choice=d.tool_choice if d.tool_choice is not None else "auto",
             parallel_tool_calls=d.parallel_tool_calls,
             temperature=1.0 if d.temperature is None else d.temperature, top_p=1.0 if d.top_p is None else d.top_p,
@@ -86,6 +84,7 @@ async def create_response(data: ResponsesRequest, request: Request) -> Response:
     plan.adjust(params)
     text = plan.render(tokenizer, chat.messages, add_generation_prompt=True)
     prompt = tokenizer.encode(text, add_special_tokens=False)
+    served.apply_default_max_tokens(params, len(prompt))
     fit_max_tokens(params, len(prompt), served.max_context)
     await compile_guided(served, params)
     (stream,) = served.submit([prompt], params, arrival)
@@ -94,8 +93,7 @@ async def create_response(data: ResponsesRequest, request: Request) -> Response:
     if data.stream:
         # the first delta comes after prefill: an error until then still gets its HTTP status
         first = await until_disconnect(request, asyncio.ensure_future(anext(stream)))
-        return Stream(_events(first, stream, OutputItems(parser), echo, served), media_type="text/event-stream",
-                      headers=SSE_HEADERS)
+        return EventStream(_events(first, stream, OutputItems(parser, namespaces_of(data.tools)), echo, served))
     return await until_disconnect(request, asyncio.ensure_future(_whole(stream, parser, echo, served)))
 
 
@@ -124,8 +122,8 @@ async def _whole(stream: AsyncIterator[SeqDelta], parser: OutputParser, echo: Ec
         await stream.aclose()
     truncated = _truncated(last)
     parsed = parser.parse("".join(text))
-    return echo.response("incomplete" if truncated else "completed", items_of(parsed, truncated),
-                         _usage(last, parsed.reasoning, served))
+    items = items_of(parsed, truncated, namespaces_of(echo.data.tools))
+    return echo.response("incomplete" if truncated else "completed", items, _usage(last, parsed.reasoning, served))
 
 
 async def _events(first: SeqDelta, stream: AsyncIterator[SeqDelta], items: OutputItems, echo: Echo,
@@ -137,8 +135,7 @@ async def _events(first: SeqDelta, stream: AsyncIterator[SeqDelta], items: Outpu
 
     def sse(event) -> bytes:
         event.sequence_number = next(numbers)
-        name = type(event).__struct_config__.tag
-        return b"event: " + name.encode() + b"\ndata: " + _encoder.encode(event) + b"\n\n"
+        return typed_event(event)
 
     last = first
     try:

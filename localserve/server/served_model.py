@@ -18,6 +18,7 @@ from localserve.engine.async_engine import AsyncEngine
 from localserve.engine.outputs import SeqDelta
 from localserve.engine.sampling_params import SamplingParams
 from localserve.errors import EngineOverloadedError, ModelNotFoundError
+from localserve.server import request_log
 from localserve.server.events import RequestTrace
 from localserve.server.metrics import ServerMetrics
 
@@ -26,6 +27,7 @@ from localserve.server.metrics import ServerMetrics
 class Limits:
     max_running: int
     max_queued: int
+    max_tokens_default: int = 4096  # a request that names no limit; 0: the context is the limit
 
 
 class ServedModel:
@@ -57,6 +59,15 @@ class ServedModel:
         if requested and requested not in self.names:
             raise ModelNotFoundError(requested, self.names)
 
+    def apply_default_max_tokens(self, params: SamplingParams, num_prompt_tokens: int) -> None:
+        """A request that names no max_tokens gets the server's default, within the room the
+        prompt leaves: a model that loops then stops (finish_reason length) instead of
+        filling the context."""
+        default = self.limits.max_tokens_default
+        room = self.max_context - num_prompt_tokens
+        if params.max_tokens is None and default > 0 and room >= 1:
+            params.max_tokens = min(default, room)
+
     def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                arrival: float | None = None) -> list[AsyncIterator[SeqDelta]]:
         """Checks admission and every prompt now (so an error is an HTTP status, not a broken
@@ -86,11 +97,21 @@ class ServedModel:
         last_token_time: dict[int, float] = {}
         status = "aborted"
         trace = RequestTrace(uuid.uuid4().hex, self.name, len(prompt_token_ids), params.n, params.max_tokens, arrival)
+        record = request_log.current()
+        if record is not None:
+            record.model = self.name
+            record.prompt_tokens += len(prompt_token_ids)
+        cached = 0
         self._emit("request_start", trace.start)
         try:
             async for delta in self.async_engine.generate(prompt_token_ids, params, trace.id):
                 self._record_tokens(delta, arrival, last_token_time)
                 trace.observe(len(delta.token_ids), delta.num_cached_tokens, delta.index, delta.finish_reason)
+                cached = max(cached, delta.num_cached_tokens)
+                if record is not None and delta.token_ids:
+                    record.generated_tokens += len(delta.token_ids)
+                    if record.first_token is None:
+                        record.first_token = time.monotonic()
                 if delta.finished:
                     remaining -= 1
                     self.num_in_flight -= 1
@@ -102,6 +123,8 @@ class ServedModel:
             status = "error"
             raise
         finally:
+            if record is not None:
+                record.cached_tokens += cached
             self.num_in_flight -= remaining
             self._count(status)
             with self.metrics.lock:

@@ -22,6 +22,7 @@ class ServeSettings:
     ctx: int | None = None  # None: the model's context (capped by the KV pool)
     max_running: int = 32
     max_queued: int = 256
+    max_tokens_default: int = 4096  # max_tokens of a request that names none (0: up to the context)
     api_keys: tuple[str, ...] = ()
     served_model_name: str | None = None
     threads: int | None = None
@@ -63,6 +64,8 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
     settings = ServeSettings(**values)
     if settings.weights not in WEIGHT_CHOICES:
         raise SettingsError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {settings.weights!r}")
+    if settings.max_tokens_default < 0:
+        raise SettingsError(f"max_tokens_default must be 0 (no default cap) or more, got {settings.max_tokens_default}")
     if settings.kv_dtype not in KV_DTYPE_CHOICES:
         raise SettingsError(f"kv_dtype must be one of {', '.join(KV_DTYPE_CHOICES)}, "
                             f"got {settings.kv_dtype!r}")

@@ -172,3 +172,57 @@ def test_default_model_chat_prompt(default_gguf):
     assert ids[:3] == [2, 105, 2364]  # <bos> <start_of_turn> user
     assert ids[-3:] == [105, 4368, 107]  # <start_of_turn> model \n
     assert ids.count(2) == 1
+
+
+# -- system turns inside the conversation (Claude Code sends them mid-conversation) ---------------
+
+LATE_SYSTEM = [
+    {"role": "system", "content": "SYS"},
+    {"role": "user", "content": "U1"},
+    {"role": "system", "content": "MID1"},
+    {"role": "assistant", "content": "A1"},
+    {"role": "system", "content": [{"type": "text", "text": "MID2"}]},
+    {"role": "user", "content": "U2"},
+]
+
+
+def test_gemma_folds_late_system_turns_where_it_puts_system_text():
+    assert gemma().folds_system_into_user
+    out = gemma().render(LATE_SYSTEM)
+    assert out == ("<bos><start_of_turn>user\nSYS\n\nU1\n\nMID1<end_of_turn>\n"
+                   "<start_of_turn>model\nA1<end_of_turn>\n"
+                   "<start_of_turn>user\nMID2\n\nU2<end_of_turn>\n<start_of_turn>model\n")
+    # last in the conversation, after an assistant turn: a user turn of its own
+    out = gemma().render([{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+                          {"role": "system", "content": "NOTE"}])
+    assert out.endswith("<start_of_turn>model\nA1<end_of_turn>\n<start_of_turn>user\nNOTE<end_of_turn>\n"
+                        "<start_of_turn>model\n")
+
+
+def test_template_with_a_system_role_keeps_late_system_turns_in_place():
+    chatml = ChatTemplate.builtin("chatml", GEMMA_SPECIALS)
+    assert not chatml.folds_system_into_user
+    out = chatml.render(LATE_SYSTEM)
+    assert out.index("U1") < out.index("<|im_start|>system\nMID1<|im_end|>") < out.index("A1")
+    assert out.index("A1") < out.index("<|im_start|>system\nMID2<|im_end|>") < out.index("U2")
+
+
+def test_a_folded_system_turn_between_two_user_turns_joins_them():
+    chat = [{"role": "user", "content": "Result of ls:\nfile"}, {"role": "system", "content": "NOTE"},
+            {"role": "user", "content": "Thanks"}]
+    assert gemma().render(chat) == ("<bos><start_of_turn>user\nResult of ls:\nfile\n\nNOTE\n\nThanks<end_of_turn>\n"
+                                    "<start_of_turn>model\n")
+
+
+@pytest.mark.parametrize("source", [
+    # refuses system turns after the first message (as Qwen3's template does)
+    "{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+    "{{ raise_exception('System message must be at the beginning.') }}{% endif %}"
+    "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}",
+    # drops them silently
+    "{% for m in messages %}{% if m.role != 'system' or loop.first %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>"
+    "{% endif %}{% endfor %}",
+])
+def test_late_system_turns_are_folded_where_the_template_cannot_take_them(source):
+    out = ChatTemplate(source).render(LATE_SYSTEM, add_generation_prompt=False)
+    assert out == "<system>SYS</system><user>U1\n\nMID1</user><assistant>A1</assistant><user>MID2\n\nU2</user>"

@@ -69,8 +69,10 @@ def start_server(args: list[str], log: Path, env: dict | None = None, ready_time
 def server(default_gguf, tmp_path_factory):
     """The embedded default model, started the way the README starts it (no MODEL argument)."""
     log = tmp_path_factory.mktemp("server") / "up.log"
-    # room for 4 sequences and no queue: the capacity test fills it with one n=4 request
-    srv = start_server(["--max-running", "4", "--max-queued", "0", "--threads", "2"], log)
+    # room for 4 sequences and no queue: the capacity test fills it with one n=4 request; a
+    # small default max_tokens for requests that set none (test_agent_wire)
+    srv = start_server(["--max-running", "4", "--max-queued", "0", "--threads", "2", "--max-tokens-default", "24"],
+                       log)
     yield srv
     srv.stop()
 

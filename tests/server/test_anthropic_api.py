@@ -4,6 +4,7 @@ the request adapter on its own (no server)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 
@@ -139,9 +140,11 @@ def test_errors_in_anthropic_shape(claude, server):
 
     bad = [
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "user or assistant"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
         ({"messages": HELLO, "temperature": 3}, "temperature"),
-        ({"messages": [{"role": "user", "content": "word " * 40000}]}, "context"),
+        # Anthropic's wording, which Claude Code recognises (it compacts and retries)
+        ({"messages": [{"role": "user", "content": "word " * 40000}]}, "prompt is too long: "),
         ({"messages": HELLO, "tool_choice": {"type": "tool", "name": "nope"}}, "tool"),
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0"),
     ]
@@ -152,6 +155,9 @@ def test_errors_in_anthropic_shape(claude, server):
         err = r.json()
         assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error", r.text
         assert word in err["error"]["message"], (word, r.text)
+    r = httpx.post(server.url + "/v1/messages", json={"model": MODEL, "max_tokens": 4, "messages": [
+        {"role": "user", "content": "word " * 40000}]}, timeout=60)
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > \d+ maximum", r.json()["error"]["message"]), r.text
     r = httpx.post(server.url + "/v1/messages", content=b'{"model": "x", "messages": [', timeout=60)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
@@ -329,8 +335,10 @@ def test_conversation_with_tool_blocks_becomes_chat_messages():
      ["unique"]),
     ({"messages": HELLO, "tools": [{"name": "f", "input_schema": {}}], "tool_choice": {"type": "tool"}},
      ["tool_choice.name"]),
-    ({"messages": HELLO, "tools": [{"type": "web_search_20250305", "name": "w", "input_schema": {}}]},
-     ["server tools"]),
+    # server tools are left out (test_agent_wire); deferred tools need a tool search it does not have
+    ({"messages": HELLO, "tools": [{"name": "f", "input_schema": {}, "defer_loading": True}]},
+     ["tools.0.defer_loading"]),
+    ({"messages": HELLO, "tools": [{"name": "f"}]}, ["tools.0.input_schema"]),
 ])
 def test_bad_conversations_name_the_problem(body, words):
     with pytest.raises(InvalidRequestError) as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 
@@ -17,6 +19,11 @@ def test_health_and_models(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
+    # the context window, in the fields vLLM, llama.cpp and agent catalogs read
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
+    ctx = int(re.search(r"context (\d+) tokens", server.output()).group(1))
+    assert card["max_model_len"] == card["context_length"] == card["context_window"] == card["meta"]["n_ctx"] == ctx
+    assert card["meta"]["n_ctx_train"] >= ctx and card["max_output_tokens"] == ctx - 1
     assert "localserve: ready at" in server.output()
     assert "KV capacity" in server.output() and "backend cpu" in server.output()
 

@@ -157,8 +157,8 @@ def test_bad_requests_are_openai_shaped_errors(client):
     assert status == 404 and body["code"] == "model_not_found"
     status, body = status_of(create(input=[]))
     assert status == 400 and "input" in body["message"]
-    status, body = status_of(create(tools=[{"type": "web_search"}]))
-    assert status == 400 and "web_search" in body["message"]
+    status, body = status_of(create(tools=[{"type": "function", "name": "bad name!"}]))
+    assert status == 400 and "tools[0]" in body["message"]
     wat = {"type": "object", "properties": {"a": {"type": "wat"}}}
     status, body = status_of(create(text={"format": {"type": "json_schema", "name": "x", "schema": wat}}))
     assert status == 400 and "wat" in body["message"]
@@ -213,7 +213,7 @@ def test_input_items_become_chat_messages():
         {"role": "user", "content": "Thanks"},
     ]))
     assert chat.messages == [
-        {"role": "system", "content": "Be brief.\n\nUse tools.\n\nStay polite."},
+        {"role": "system", "content": "Be brief.\n\nUse tools."},
         {"role": "user", "content": "Weather in Rome?"},
         {"role": "assistant", "content": "", "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
@@ -221,6 +221,8 @@ def test_input_items_become_chat_messages():
         {"role": "tool", "tool_call_id": "c1", "content": "Sunny"},
         {"role": "tool", "tool_call_id": "c2", "content": "Rain"},
         {"role": "assistant", "content": "Sunny in Rome."},
+        # a later developer message keeps its place: the prompt before it stays as it was
+        {"role": "system", "content": "Stay polite."},
         {"role": "user", "content": "Thanks"},
     ]
     assert [t.name for t in chat.tools] == ["get_weather"] and chat.choice.mode == "auto" and not chat.parallel
@@ -236,7 +238,9 @@ def test_input_items_become_chat_messages():
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input_image"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "stateless"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "call_id"),
-    ({"input": "hi", "tools": [{"type": "file_search"}]}, "file_search"),
+    ({"input": "hi", "tools": [{"type": "namespace", "name": "ns"}]}, "tools[0].tools"),
+    ({"input": "hi", "tools": [{"type": "namespace", "name": "a.b", "tools": []}]}, "tools[0].name"),
+    ({"input": [{"content": "no type, no role"}]}, "input[0].type"),
     ({"input": "hi", "tools": [{"type": "function", "name": "bad name!"}]}, "tools[0]"),
     ({"input": "hi", "tools": WEATHER + WEATHER}, "unique"),
     ({"input": "hi", "tool_choice": "sometimes"}, "tool_choice"),
