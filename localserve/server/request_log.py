@@ -5,7 +5,7 @@ server left out of the request (a hosted tool it cannot run, a block it ignored)
 The middleware opens a `RequestRecord` for each HTTP request in a context variable; the serving
 code fills it (`current()`), and the line is written when the response's last byte is sent, so
 a stream is logged when it ends. /v1 requests and every error log at INFO or above; the rest
-(health checks, the monitor's polling) at DEBUG.
+(health checks, also the 503s of a model still loading, and the monitor's polling) at DEBUG.
 """
 
 from __future__ import annotations
@@ -112,12 +112,13 @@ def request_log_middleware(app: ASGIApp) -> ASGIApp:
 def _write(record: RequestRecord, error_body: bytes) -> None:
     if record.status >= 400:
         record.error = record.error or _error_message(error_body)
+    api = record.path.startswith("/v1")
     if record.status >= 500 and record.status not in (503, 529):  # 503/529: loading or full, retried
         level = logging.ERROR
-    elif record.status >= 400:
+    elif record.status >= 400 and (api or record.status != 503):  # a probe of a loading server is no news
         level = logging.WARNING
     else:
-        level = logging.INFO if record.path.startswith("/v1") else logging.DEBUG
+        level = logging.INFO if api else logging.DEBUG
     log.log(level, "%s", record.line(time.monotonic()))
 
 
