@@ -79,6 +79,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    "json_schema vs unconstrained (equal lengths, alternating, jump-forward on and off) at 1 and "
                    "16 concurrent requests (--concurrency if given), and the jump-forward share; constrained "
                    "requests get at most --decode-tokens tokens")
+    p.add_argument("--grammar-budget", type=_csv_ints, nargs="?", const=(32, 64, 128, 200), metavar="MAX_TOKENS",
+                   help="check structured output under a token budget instead: through `localserve up` and the "
+                   "openai SDK, 24 JSON schemas, json_object and forced tool calls at each MAX_TOKENS (default "
+                   "32,64,128,200), temperature 1.0 and 0.7, fixed seeds; counts the answers that parse and "
+                   "validate")
+    p.add_argument("--url", help="--grammar-budget: a running server to ask (default: start `localserve up`)")
     p.set_defaults(func=run_bench_command)
 
 
@@ -89,6 +95,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     if args.serving:
         return _run_serving(args)
+    if args.grammar_budget:
+        return _run_grammar_budget(args)
     if args.grammar:
         return _run_grammar(args)
     if args.from_json:
@@ -148,10 +156,52 @@ def _run_grammar(args: argparse.Namespace) -> int:
     return _report(result, args.json)
 
 
+def _run_grammar_budget(args: argparse.Namespace) -> int:
+    from localserve.bench.grammar_budget import run_budget_bench
+
+    backend = "cpu" if args.backend == "auto" else args.backend
+    result = run_budget_bench(args.model, args.threads, backend, budgets=args.grammar_budget, url=args.url,
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
+    return _report(result, args.json)
+
+
+def add_envs_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "envs",
+        help="list the LOCALSERVE_* environment variables: type, default, what each does",
+        description="Every LOCALSERVE_* environment variable localserve reads (declared in "
+        "localserve/envs.py), with its type, its default and what it does. For the `localserve up` "
+        "settings a flag wins over the variable, and the variable over the config file's [up] table.",
+    )
+    p.set_defaults(func=run_envs)
+
+
+def run_envs(args: argparse.Namespace) -> int:
+    import shutil
+    import textwrap
+
+    from localserve.envs import KNOBS
+
+    knobs = list(KNOBS.values())
+    name_w = max(len(k.name) for k in knobs)
+    type_w = max(len(k.type) for k in knobs)
+    width = max(60, min(120, shutil.get_terminal_size().columns))
+    group = None
+    for k in knobs:
+        if k.group != group:
+            print(f"\n# {k.group}" if group else f"# {k.group}")
+            group = k.group
+        default = "unset" if k.default is None else (k.default or "empty")
+        print(f"{k.name:<{name_w}}  {k.type:<{type_w}}  default: {default}")
+        print(textwrap.fill(k.doc, width, initial_indent="    ", subsequent_indent="    "))
+    return 0
+
+
 # one registration function per subcommand; `up`, `pull`, ... add theirs here
 from localserve.server.cli import add_up_parser  # noqa: E402 (argparse only; the server loads lazily)
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_up_parser, add_bench_parser]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_up_parser, add_bench_parser, add_envs_parser]
 from localserve.store.cli import STORE_SUBCOMMANDS; SUBCOMMANDS += STORE_SUBCOMMANDS  # noqa: E402,E702 pull ls show rm ps quantize
 from localserve.tui.cli import add_tui_parser; SUBCOMMANDS.append(add_tui_parser)  # noqa: E402,E702 tui
 
@@ -170,7 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    from localserve.envs import EnvError
+
+    try:
+        return args.func(args)
+    except EnvError as exc:  # a LOCALSERVE_* variable that does not parse
+        print(f"localserve {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
+
+from localserve import envs
 
 
 def add_tui_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,15 +26,13 @@ def add_tui_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def default_url() -> str:
-    if os.environ.get("LOCALSERVE_URL"):
-        return os.environ["LOCALSERVE_URL"]
-    return f"http://127.0.0.1:{os.environ.get('LOCALSERVE_PORT') or 8000}"
+    return envs.URL.get() or f"http://127.0.0.1:{envs.PORT.get()}"
 
 
 def run_tui(args: argparse.Namespace) -> int:
     from localserve.tui.app import LocalServeApp
 
-    key = args.api_key or (os.environ.get("LOCALSERVE_API_KEY", "").split(",")[0].strip() or None)
+    key = args.api_key or next(iter(envs.API_KEY.get()), None)
     up_args = ([args.model] if args.model else []) + shlex.split(args.up_args)
     if key and "--api-key" not in up_args:
         up_args += ["--api-key", key]

@@ -11,9 +11,10 @@ Uses the backend's cfg, device, model, rope, staging, kv_dtype, fallbacks, atten
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
+
+from localserve import envs
 
 from .batch_shape import MAX_GRAPH_BATCH, workspace_bytes
 from .cascade import CascadePolicy, cascade_bytes_per_token, load_check
@@ -24,7 +25,7 @@ log = logging.getLogger("localserve.backends.cuda")
 
 class AttentionChoice:
     def _attention_candidates(self, dtype: torch.dtype) -> list[str]:
-        forced = os.environ.get("LOCALSERVE_ATTENTION")
+        forced = envs.ATTENTION.get()
         order = list(self.attention_order)
         if forced:
             if forced not in order:
@@ -44,7 +45,7 @@ class AttentionChoice:
 
             return FlashInferPagedAttention(
                 *args, self.model.dtype, self.kv_dtype, self.device,
-                backend=os.environ.get("LOCALSERVE_FLASHINFER_BACKEND", "fa2"),
+                backend=envs.FLASHINFER_BACKEND.get(),
                 workspace_bytes=workspace_bytes(min(self.cfg.max_num_seqs, MAX_GRAPH_BATCH)))
         if kind == "triton":
             from localserve.backends.triton_kernels import triton_available
@@ -82,7 +83,7 @@ class AttentionChoice:
         """Triton elementwise kernels (fused_model.py) in bf16/fp16 on a GPU, whatever the
         attention; LOCALSERVE_FUSED=1 forces them (fp32, the interpreter), 0 disables them."""
         self.model.fused = False
-        flag = os.environ.get("LOCALSERVE_FUSED", "auto")
+        flag = envs.FUSED.get()
         if flag == "0":
             return
         if flag != "1" and (self.device.type != "cuda" or self.model.dtype == torch.float32):

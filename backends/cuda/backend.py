@@ -22,12 +22,12 @@ the weights and the peak of a warm-up step of max_num_batched_tokens tokens.
 from __future__ import annotations
 
 import logging
-import os
 from typing import ClassVar
 
 import numpy as np
 import torch
 
+from localserve import envs
 from localserve.backends.torch_common.sampling import sample
 from localserve.engine.backend import BackendConfig, Buckets, DeviceInfo
 from localserve.engine.plan import ForwardOutput, Plan
@@ -275,7 +275,7 @@ class CUDABackend(AttentionChoice):
         """Piecewise graphs for the steps decode graphs do not take: with the fused kernels
         (the layer's halves) and graphs on; LOCALSERVE_PIECEWISE=0 turns them off (A/B runs)."""
         return (self._use_graphs() and self.model.fused
-                and os.environ.get("LOCALSERVE_PIECEWISE", "1") != "0")
+                and envs.PIECEWISE.get())
 
     def recommended_batch_shape(self) -> BatchShape:
         """max_num_seqs / max_num_batched_tokens to use where the user set none (batch_shape.py);

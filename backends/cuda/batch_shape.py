@@ -16,13 +16,14 @@ because at that size the GPU, not the launch, is the limit.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from localserve import envs
 
 # the largest decode graph (LOCALSERVE_MAX_GRAPH_BATCH overrides): FlashInfer's tensor-core
 # decode plan at bs 1,024 needs 335 MB of split-KV scratch (batch_prefill_tmp_v), so graphs
 # past 512 get a 512 MiB workspace (`workspace_bytes`) instead of 256 MiB
-MAX_GRAPH_BATCH = int(os.environ.get("LOCALSERVE_MAX_GRAPH_BATCH", "512"))
+MAX_GRAPH_BATCH = envs.MAX_GRAPH_BATCH.get()
 MAX_NUM_SEQS = 1024  # the most sequences recommended (measured up to here)
 
 # measured best on the H100 for Show b (1,000 prompts, 4-400 in, 4-358 out), run 6:

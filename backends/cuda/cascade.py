@@ -22,11 +22,11 @@ level 1. Sliding-window layers do not use it (their window is short and moves).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from localserve import envs
 from localserve.backends.torch_common.attention import read_pages
 from localserve.engine.plan import Plan, SamplingRow
 from localserve.engine.sampling_params import SamplingParams
@@ -34,7 +34,7 @@ from localserve.engine.sampling_params import SamplingParams
 # default of LOCALSERVE_CASCADE_MIN_GB: cascade when a step saves at least this many bytes of
 # KV reads (~0.7 ms of H100 bandwidth); below it the cascade's extra kernels per layer (query
 # permutation, level-0 prefill, merge, write-back: ~0.5 ms a step in a graph) eat the saving
-DEFAULT_MIN_SAVED_BYTES = 2 << 30
+DEFAULT_MIN_SAVED_BYTES = int(envs.CASCADE_MIN_GB.default_value * 2**30)  # 2 GiB
 
 
 @dataclass(slots=True)
@@ -165,15 +165,13 @@ class CascadePolicy:
     (GPU_NOTES.md, "Shared prefix"), a graph replay does not."""
 
     def __init__(self, kv_bytes_per_token: int, min_saved_bytes: int | None = None) -> None:
-        flag = os.environ.get("LOCALSERVE_CASCADE", "auto")
+        flag = envs.CASCADE.get()
         self.enabled = flag in ("1", "auto", "force") and kv_bytes_per_token > 0
         # "auto": only on a cascade decode graph; "1" / "force" also run eager when no
         # graph fits the step (each layer's launches then cost the host ~0.5 ms)
         self.eager = flag in ("1", "force")
-        gb = os.environ.get("LOCALSERVE_CASCADE_MIN_GB")
         if min_saved_bytes is None:
-            min_saved_bytes = (0 if flag == "force" else
-                               int(float(gb) * 2**30) if gb else DEFAULT_MIN_SAVED_BYTES)
+            min_saved_bytes = 0 if flag == "force" else int(envs.CASCADE_MIN_GB.get() * 2**30)
         self.min_saved_bytes = min_saved_bytes
         self.kv_bytes_per_token = kv_bytes_per_token
         self.steps = 0  # decode steps cascaded (bench reports)

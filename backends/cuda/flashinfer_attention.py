@@ -24,12 +24,12 @@ device buffer ourselves and hand FlashInfer that device view (its copy onto itse
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from localserve import envs
 from localserve.backends.torch_common.attention import write_pages
 from localserve.engine.plan import Plan
 
@@ -108,7 +108,7 @@ class FlashInferPagedAttention:
         self.staging = None  # HostStaging for prepare(); None: pageable tensors
         # decode through the tensor-core (prefill) kernels once a KV head serves >= 4 query
         # heads, as SGLang does; it also shares their JIT module, one compile fewer
-        flag = os.environ.get("LOCALSERVE_FI_TENSOR_CORES", "auto")  # "0" / "1": for A/B runs
+        flag = envs.FI_TENSOR_CORES.get()  # "0" / "1": for A/B runs
         self.tensor_cores = num_heads // num_kv_heads >= 4 if flag == "auto" else flag == "1"
         self.workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=device)
         kinds = [False, True] if sliding_window else [False]
@@ -197,16 +197,13 @@ class FlashInferPagedAttention:
         "exact" instead, for A/B runs); "exact" for the CUDA-core decode kernel."""
         if not self.tensor_cores:
             return "exact"
-        flag = os.environ.get("LOCALSERVE_FI_NO_SPLIT_MIN")
-        if flag is not None:
-            least = int(flag)
-        elif self.device.type == "cuda":
-            least = 2 * torch.cuda.get_device_properties(self.device).multi_processor_count
-        else:
-            least = 256
+        least = envs.FI_NO_SPLIT_MIN.get()
+        if least is None:
+            least = (2 * torch.cuda.get_device_properties(self.device).multi_processor_count
+                     if self.device.type == "cuda" else 256)
         if batch_size * self.num_kv_heads >= least:
             return "fixed"
-        return "exact" if os.environ.get("LOCALSERVE_FI_HEADROOM") == "0" else "headroom"
+        return "headroom" if envs.FI_HEADROOM.get() else "exact"
 
     # -- fixed-shape decode metadata for graphs (flashinfer_graphs.py) --------------------
     def graph_metadata(self, batch_size: int, max_blocks: int, block_size: int,

@@ -17,11 +17,11 @@ no Triton) it is exactly DecoderModel.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from localserve import envs
 from localserve.backends.torch_common.layers import DenseLinear
 from localserve.backends.torch_common.model import DecoderModel
 from localserve.backends.torch_common.weights import LayerWeights
@@ -55,8 +55,8 @@ class FusedDecoderModel(DecoderModel):
         self.kernels = K
         self.tables = tables
         self.fused = True
-        self.gemv = gemv if os.environ.get("LOCALSERVE_GEMV", "1") != "0" else None
-        self.fuse_quant = os.environ.get("LOCALSERVE_FP8_FUSED_QUANT", "1") != "0"
+        self.gemv = gemv if envs.GEMV.get() else None
+        self.fuse_quant = envs.FP8_FUSED_QUANT.get()
 
     def quantizes(self, lin) -> bool:
         """Whether the kernel before `lin` hands it e4m3 rows (lin an Fp8Linear)."""

@@ -24,10 +24,11 @@ one stream and nothing they allocate outlives a replay.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import torch
+
+from localserve import envs
 
 from .inputs import sampled_rows
 
@@ -35,7 +36,7 @@ log = logging.getLogger("localserve.backends.cuda")
 
 # the largest step (tokens) that replays piecewise graphs: past it the GPU, not the host, is
 # the limit (llama-3.1-8b: ~30 ms of GEMMs at 2,048 tokens in FP8 against ~12 ms of eager launches)
-DEFAULT_MAX_TOKENS = 2048
+DEFAULT_MAX_TOKENS = envs.PIECEWISE_MAX_TOKENS.default_value  # 2,048
 
 
 def piecewise_buckets(max_tokens: int) -> tuple[int, ...]:
@@ -49,14 +50,11 @@ def piecewise_buckets(max_tokens: int) -> tuple[int, ...]:
 
 def max_tokens_default(max_num_batched_tokens: int) -> int:
     """LOCALSERVE_PIECEWISE_MAX_TOKENS, else DEFAULT_MAX_TOKENS; never past the step budget."""
-    flag = os.environ.get("LOCALSERVE_PIECEWISE_MAX_TOKENS", "")
-    want = DEFAULT_MAX_TOKENS
-    if flag:
-        try:
-            want = int(flag)
-        except ValueError:
-            log.warning("LOCALSERVE_PIECEWISE_MAX_TOKENS=%r is not an integer: %d instead",
-                        flag, DEFAULT_MAX_TOKENS)
+    try:
+        want = envs.PIECEWISE_MAX_TOKENS.get()
+    except envs.EnvError as exc:
+        log.warning("%s; %d instead", exc, DEFAULT_MAX_TOKENS)
+        want = DEFAULT_MAX_TOKENS
     return max(16, min(want, int(max_num_batched_tokens)))
 
 

@@ -23,10 +23,11 @@ and `to_device` returns a copy (a view would alias a slot that is rewritten late
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
+
+from localserve import envs
 
 _ALIGN = 64  # bytes; each staged array starts on its own cache line
 _NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32,
@@ -35,7 +36,7 @@ _TORCH = {np.dtype(v): k for k, v in _NP.items()}
 
 
 def pinned_default() -> bool:
-    return os.environ.get("LOCALSERVE_PINNED", "1") != "0"
+    return envs.PINNED.get()
 
 
 class _Slot:

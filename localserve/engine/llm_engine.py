@@ -31,7 +31,6 @@ a step is in flight (update then skips the aborted sequence).
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import threading
 import time
@@ -39,6 +38,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from localserve import envs
 from localserve.engine.backend import Backend
 from localserve.engine.detokenizer import IncrementalDetokenizer
 from localserve.engine.outputs import EngineStats, SeqDelta, TokenLogprob
@@ -67,11 +67,9 @@ class EngineConfig:
 
 def _async_scheduling(cfg: EngineConfig, backend: Backend) -> bool:
     supported = callable(getattr(backend, "execute_async", None))
-    env = os.environ.get("LOCALSERVE_ASYNC_SCHEDULING", "").strip().lower()
-    if env in ("0", "false", "off", "no"):
-        return False
-    if env in ("1", "true", "on", "yes"):
-        return supported
+    forced = envs.ASYNC_SCHEDULING.get()  # None: auto
+    if forced is not None:
+        return forced and supported
     return supported and cfg.async_scheduling is not False
 
 
@@ -119,7 +117,7 @@ class LLMEngine:
         self.async_scheduling = _async_scheduling(cfg, backend)
         self._inflight: list[tuple[Any, Any]] = []  # (plan, handle) submitted, not applied
         # submit before detokenizing (LOCALSERVE_EARLY_SUBMIT=0: at the next step's start)
-        self._early_submit = os.environ.get("LOCALSERVE_EARLY_SUBMIT", "1") != "0"
+        self._early_submit = envs.EARLY_SUBMIT.get()
 
     # -- requests -------------------------------------------------------------------------
     def check_prompt(self, num_prompt_tokens: int, params: SamplingParams) -> None:

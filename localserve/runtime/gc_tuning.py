@@ -18,17 +18,18 @@ threshold.
 from __future__ import annotations
 
 import gc
-import os
 
-DEFAULT_GEN0_THRESHOLD = 50_000
+from localserve import envs
+
+DEFAULT_GEN0_THRESHOLD = envs.GC_THRESHOLD.default_value
 
 
 def tune_gc() -> dict:
     """Freeze what is alive now and raise the young generation's threshold; returns what was
     done (for logs and /api/status). Call once the model is loaded."""
-    if os.environ.get("LOCALSERVE_GC", "tuned") == "default":
+    if envs.GC.get() == "default":
         return {"gc": "default", "threshold": list(gc.get_threshold())}
-    gen0 = int(os.environ.get("LOCALSERVE_GC_THRESHOLD", DEFAULT_GEN0_THRESHOLD))
+    gen0 = envs.GC_THRESHOLD.get()
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()

@@ -1,6 +1,7 @@
 """`localserve up` settings. Precedence: command-line flags > LOCALSERVE_* environment variables >
 the [up] table of the config file (LOCALSERVE_CONFIG, else config.toml in the platformdirs config
-dir) > defaults."""
+dir) > defaults. Each setting's variable, default and doc are declared in localserve/envs.py
+(`envs.UP_SETTINGS`, by field name)."""
 
 from __future__ import annotations
 
@@ -10,33 +11,33 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from localserve import envs
 from localserve.paths import config_file
 
 
 @dataclass(slots=True)
 class ServeSettings:
-    model: str | None = None  # None: the embedded default model
-    host: str = "127.0.0.1"
-    port: int = 8000
-    backend: str = "auto"
-    ctx: int | None = None  # None: the model's context (capped by the KV pool)
-    max_running: int = 32
-    max_queued: int = 256
-    max_tokens_default: int = 4096  # max_tokens of a request that names none (0: up to the context)
-    api_keys: tuple[str, ...] = ()
-    served_model_name: str | None = None
-    threads: int | None = None
-    kv_memory: float = 0.25  # fraction of free memory the KV pages may take
-    weights: str = "auto"  # "auto" | "fp8" (NVIDIA GPUs with FP8 tensor cores)
-    kv_dtype: str = "auto"  # "auto" (the compute dtype) | "fp8" (e4m3 pages, NVIDIA FP8 GPUs)
-    cors_origins: tuple[str, ...] = ()
-    max_body_mb: int = 32
-    log_level: str = "info"
+    """The defaults are the knobs' (envs.py): one declaration for the variable and the setting."""
 
-
-ENV_PREFIX = "LOCALSERVE_"
-# environment names that differ from the field names
-ENV_NAMES = {"api_keys": "LOCALSERVE_API_KEY"}
+    model: str | None = envs.MODEL.default_value  # None: the embedded default model
+    host: str = envs.HOST.default_value
+    port: int = envs.PORT.default_value
+    backend: str = envs.BACKEND.default_value
+    ctx: int | None = envs.CTX.default_value  # None: the model's context (capped by the KV pool)
+    max_running: int = envs.MAX_RUNNING.default_value
+    max_queued: int = envs.MAX_QUEUED.default_value
+    # max_tokens of a request that names none (0: up to the context)
+    max_tokens_default: int = envs.MAX_TOKENS_DEFAULT.default_value
+    api_keys: tuple[str, ...] = envs.API_KEY.default_value
+    served_model_name: str | None = envs.SERVED_MODEL_NAME.default_value
+    threads: int | None = envs.THREADS.default_value
+    kv_memory: float = envs.KV_MEMORY.default_value  # fraction of free memory the KV pages may take
+    weights: str = envs.WEIGHTS.default_value  # "auto" | "fp8" (NVIDIA GPUs with FP8 tensor cores)
+    # "auto" (the compute dtype) | "fp8" (e4m3 pages, NVIDIA FP8 GPUs)
+    kv_dtype: str = envs.KV_DTYPE.default_value
+    cors_origins: tuple[str, ...] = envs.CORS_ORIGINS.default_value
+    max_body_mb: int = envs.MAX_BODY_MB.default_value
+    log_level: str = envs.LOG_LEVEL.default_value
 
 
 class SettingsError(ValueError):
@@ -44,7 +45,7 @@ class SettingsError(ValueError):
 
 
 def env_name(field_name: str) -> str:
-    return ENV_NAMES.get(field_name, ENV_PREFIX + field_name.upper())
+    return envs.UP_SETTINGS[field_name].name
 
 
 def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None,

@@ -7,16 +7,14 @@ makes any write look like it hits a full disk, which is how the tests simulate o
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 from pathlib import Path
 
+from localserve import envs
 from localserve.store.progress import format_bytes
 from localserve.store.store import StoreError
 
-DEFAULT_RESERVE = 64 << 20
-_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+DEFAULT_RESERVE = envs.DISK_RESERVE.default_value
 
 
 class DiskFullError(StoreError):
@@ -24,13 +22,10 @@ class DiskFullError(StoreError):
 
 
 def disk_reserve() -> int:
-    text = os.environ.get("LOCALSERVE_DISK_RESERVE", "").strip().upper().removesuffix("B").removesuffix("I")
-    if not text:
-        return DEFAULT_RESERVE
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGTP]?)", text)
-    if m is None:
-        raise StoreError(f"LOCALSERVE_DISK_RESERVE={os.environ['LOCALSERVE_DISK_RESERVE']!r}: expected bytes, e.g. 512M or 2G")
-    return int(float(m[1]) * _SUFFIX[m[2]])
+    try:
+        return envs.DISK_RESERVE.get()
+    except envs.EnvError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def check_free_space(directory: Path, need: int) -> None:

@@ -6,10 +6,10 @@ The server's names are what clients send as `model` (the `localserve up` argumen
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
+from localserve import envs
 from localserve.store.store import ModelStore, StoreError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -26,12 +26,12 @@ class RunningModel:
 
 
 def server_url() -> str:
-    return os.environ.get("LOCALSERVE_URL", DEFAULT_URL)
+    return envs.URL.get() or DEFAULT_URL
 
 
 def api_key() -> str | None:
     """LOCALSERVE_API_KEY as `localserve up` reads it (comma-separated keys; the first one)."""
-    keys = [k.strip() for k in os.environ.get("LOCALSERVE_API_KEY", "").split(",") if k.strip()]
+    keys = envs.API_KEY.get()
     return keys[0] if keys else None
 
 

@@ -28,6 +28,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from localserve import envs
+
 log = logging.getLogger(__name__)
 
 BLOCK = 32
@@ -75,7 +77,7 @@ class _Library:
     """One .cpp of this folder: built once per (source, flags, CPU), loaded once per process."""
 
     name: str  # the .cpp's stem
-    env: str  # "0" in this variable disables it
+    enabled: envs.Knob[bool]  # "0" in this variable disables it
     flags: list[str]
     bind: Callable[[ctypes.CDLL], ctypes.CDLL]
 
@@ -96,8 +98,8 @@ class _Library:
         if self.name in _state:  # a module global looked up per call: tests reset it
             return _state[self.name]
         lib = None
-        if os.environ.get(self.env, "1") == "0":
-            log.warning("%s CPU kernel disabled by %s=0", self.name, self.env)
+        if not self.enabled.get():
+            log.warning("%s CPU kernel disabled by %s=0", self.name, self.enabled.name)
         elif platform.machine().lower() not in ("x86_64", "amd64"):
             log.warning("%s CPU kernel: %s is not x86-64, using torch", self.name,
                         platform.machine())
@@ -134,10 +136,10 @@ def _bind_attention(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-_Q8 = _Library("q8_linear", "LOCALSERVE_Q8_KERNEL", FLAGS, _bind_q8)
+_Q8 = _Library("q8_linear", envs.Q8_KERNEL, FLAGS, _bind_q8)
 # no compiler-chosen FMA contraction: bitwise batch invariance rests on every copy of the
 # same source line computing the same thing (see paged_attention.cpp)
-_ATTENTION = _Library("paged_attention", "LOCALSERVE_ATTENTION_KERNEL",
+_ATTENTION = _Library("paged_attention", envs.ATTENTION_KERNEL,
                       [*FLAGS, "-ffp-contract=off"], _bind_attention)
 
 
