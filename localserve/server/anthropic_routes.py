@@ -38,7 +38,7 @@ from localserve.server.anthropic_protocol import (
 )
 from localserve.server.openai_routes import until_disconnect
 from localserve.server.served_model import ServedModel
-from localserve.server.sse import EventStream, named_event, typed_event
+from localserve.server.sse import KEEPALIVE, EventStream, named_event, typed_event, with_keepalive
 from localserve.server.state import served_model
 from localserve.server.tools import OutputParser, ToolPlan
 
@@ -96,8 +96,9 @@ async def create_message(data: MessagesRequest, request: Request) -> Message:
     (stream,) = prep.served.submit([prep.prompt_ids], params, arrival)
     mid, rid = f"msg_{uuid.uuid4().hex[:24]}", _request_id()
     if data.stream:
-        # the first delta comes after prefill: an error until then (a grammar that does not
-        # compile, a prompt the engine refuses) still gets its HTTP status instead of a 200
+        # a request the engine refuses fails on the first item and gets its HTTP status; one
+        # whose prefill takes a while answers 200 at once and keeps the connection alive
+        stream = with_keepalive(stream)
         first = await until_disconnect(request, asyncio.ensure_future(anext(stream)))
         return EventStream(_events(first, stream, prep.blocks(data), data, mid), headers={"request-id": rid})
     work = asyncio.ensure_future(_whole(stream, prep.blocks(data), data, mid))
@@ -130,22 +131,27 @@ async def _whole(stream: AsyncIterator[SeqDelta], answer: AnswerBlocks, data: Me
                    usage=usage_of(last))
 
 
-async def _events(first: SeqDelta, stream: AsyncIterator[SeqDelta], answer: AnswerBlocks, data: MessagesRequest,
-                  mid: str) -> AsyncIterator[bytes]:
-    """message_start (the prompt is in: its usage counts the cached tokens), ping, the content
-    blocks as they arrive, message_delta with the stop reason and usage, message_stop. An
-    error after the stream began is an `error` event: the status line is long gone."""
-    last = first
+async def _events(first: SeqDelta | None, stream: AsyncIterator[SeqDelta | None], answer: AnswerBlocks,
+                  data: MessagesRequest, mid: str) -> AsyncIterator[bytes]:
+    """Keep-alive comments until the prompt is in, then message_start (its usage counts the
+    cached tokens), ping, the content blocks as they arrive, message_delta with the stop reason
+    and usage, message_stop. An error after the stream began is an `error` event: the status
+    line is long gone."""
     try:
+        while first is None:
+            yield KEEPALIVE
+            first = await anext(stream)
+        last = first
         yield typed_event(MessageStart(message=Message(
             id=mid, model=data.model, content=[], stop_reason=None, stop_sequence=None, usage=usage_of(first))))
         yield typed_event(Ping())
         for event in answer.feed(first.text):
             yield typed_event(event)
         async for d in stream:  # to its end even after the finishing delta: it then counts as finished
-            last = d
-            for event in answer.feed(d.text):
-                yield typed_event(event)
+            if d is not None:
+                last = d
+                for event in answer.feed(d.text):
+                    yield typed_event(event)
         for event in answer.finish():
             yield typed_event(event)
         reason, sequence = _finished(last, answer, data)

@@ -86,14 +86,17 @@ class UsageCounter:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values())))
 
 
-async def merge(streams: list[AsyncIterator[SeqDelta]], n: int) -> AsyncIterator[tuple[int, int, SeqDelta]]:
+async def merge(streams: list[AsyncIterator[SeqDelta | None]],
+                n: int) -> AsyncIterator[tuple[int, int, SeqDelta | None]]:
     """(prompt index, choice index, delta) from several prompts' streams as they come; choice
-    index = prompt index * n + the delta's index. Leaving early closes every stream."""
+    index = prompt index * n + the delta's index. A None from a stream (sse.with_keepalive:
+    nothing yet) passes through as (prompt index, its first choice, None). Leaving early
+    closes every stream."""
     if len(streams) == 1:
         stream = streams[0]
         try:
             async for d in stream:
-                yield 0, d.index, d
+                yield 0, d.index if d is not None else 0, d
         finally:
             await stream.aclose()
         return
@@ -103,7 +106,7 @@ async def merge(streams: list[AsyncIterator[SeqDelta]], n: int) -> AsyncIterator
     async def pump(i: int, stream: AsyncIterator[SeqDelta]) -> None:
         try:
             async for d in stream:
-                await queue.put((i, i * n + d.index, d))
+                await queue.put((i, i * n + (d.index if d is not None else 0), d))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             await queue.put(exc)
         finally:

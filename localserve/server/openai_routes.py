@@ -35,7 +35,7 @@ from localserve.server.openai_protocol import (
 from localserve.server.openai_responses import ChoiceState, TokenText, UsageCounter, merge
 from localserve.server.request_log import ClientDisconnected
 from localserve.server.served_model import ServedModel
-from localserve.server.sse import SSE_DONE, EventStream, data_event
+from localserve.server.sse import KEEPALIVE, KEEPALIVE_SECONDS, SSE_DONE, EventStream, data_event, with_keepalive
 from localserve.server.state import served_model
 from localserve.server.tools import CallStart, OutputParser, ReasoningDelta, TextDelta, ToolPlan
 from localserve.server.tools import tool_choice_from_openai, tools_from_openai
@@ -94,6 +94,7 @@ async def chat_completions(data: ChatCompletionRequest, request: Request) -> Cha
     parsers = [OutputParser.for_request(plan, tokenizer, text) for _ in range(data.n)]
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        streams = [with_keepalive(st, first_wait=KEEPALIVE_SECONDS) for st in streams]
         return EventStream(_chat_stream(served, streams, data, parsers, include_usage))
     return await until_disconnect(request, asyncio.ensure_future(_chat_whole(served, streams, data, parsers)))
 
@@ -153,6 +154,9 @@ async def _chat_stream(served: ServedModel, streams, data: ChatCompletionRequest
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
     try:
         async for p, c, d in merge(streams, data.n):
+            if d is None:
+                yield KEEPALIVE
+                continue
             usage.add(p, c, d)
             deltas = chat_deltas(parsers[c].feed(d.text) if d.text else [])
             if d.finished:
@@ -231,6 +235,7 @@ async def completions(data: CompletionRequest, request: Request) -> Completion:
     streams = served.submit(prompts, params, arrival)
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        streams = [with_keepalive(st, first_wait=KEEPALIVE_SECONDS) for st in streams]
         return EventStream(_completion_stream(served, streams, data, echoes, include_usage))
     return await until_disconnect(request, asyncio.ensure_future(_completion_whole(served, streams, data, echoes)))
 
@@ -274,6 +279,9 @@ async def _completion_stream(served: ServedModel, streams, data: CompletionReque
             yield chunk([CompletionChoice(index=c, text=echoes[c // data.n], finish_reason=None)])
     try:
         async for p, c, d in merge(streams, data.n):
+            if d is None:
+                yield KEEPALIVE
+                continue
             usage.add(p, c, d)
             lp = None
             if data.logprobs is not None and d.logprobs:

@@ -37,7 +37,7 @@ from localserve.server.responses_protocol import (
     Usage,
 )
 from localserve.server.served_model import ServedModel
-from localserve.server.sse import EventStream, typed_event
+from localserve.server.sse import KEEPALIVE, EventStream, typed_event, with_keepalive
 from localserve.server.state import served_model
 from localserve.server.tools import OutputParser, ToolPlan
 
@@ -91,7 +91,9 @@ async def create_response(data: ResponsesRequest, request: Request) -> Response:
     echo = Echo(item_id("resp"), int(time.time()), data, data.model or served.name)
     parser = OutputParser.for_request(plan, tokenizer, text)
     if data.stream:
-        # the first delta comes after prefill: an error until then still gets its HTTP status
+        # a request the engine refuses fails on the first item and gets its HTTP status; one
+        # whose prefill takes a while answers 200 at once and keeps the connection alive
+        stream = with_keepalive(stream)
         first = await until_disconnect(request, asyncio.ensure_future(anext(stream)))
         return EventStream(_events(first, stream, OutputItems(parser, namespaces_of(data.tools)), echo, served))
     return await until_disconnect(request, asyncio.ensure_future(_whole(stream, parser, echo, served)))
@@ -126,27 +128,32 @@ async def _whole(stream: AsyncIterator[SeqDelta], parser: OutputParser, echo: Ec
     return echo.response("incomplete" if truncated else "completed", items, _usage(last, parsed.reasoning, served))
 
 
-async def _events(first: SeqDelta, stream: AsyncIterator[SeqDelta], items: OutputItems, echo: Echo,
+async def _events(first: SeqDelta | None, stream: AsyncIterator[SeqDelta | None], items: OutputItems, echo: Echo,
                   served: ServedModel) -> AsyncIterator[bytes]:
-    """response.created and response.in_progress, the items' events as text arrives, then
-    response.completed (or response.incomplete) with the whole response. An error after the
-    stream began is an `error` event then response.failed: the status line is long gone."""
+    """response.created and response.in_progress (then keep-alive comments until the prompt is
+    in), the items' events as text arrives, then response.completed (or response.incomplete)
+    with the whole response. An error after the stream began is an `error` event then
+    response.failed: the status line is long gone."""
     numbers = itertools.count()
 
     def sse(event) -> bytes:
         event.sequence_number = next(numbers)
         return typed_event(event)
 
-    last = first
     try:
         yield sse(Created(response=echo.response("in_progress")))
         yield sse(InProgress(response=echo.response("in_progress")))
+        while first is None:
+            yield KEEPALIVE
+            first = await anext(stream)
+        last = first
         for event in items.feed(first.text):
             yield sse(event)
         async for d in stream:  # to its end even after the finishing delta: it then counts as finished
-            last = d
-            for event in items.feed(d.text):
-                yield sse(event)
+            if d is not None:
+                last = d
+                for event in items.feed(d.text):
+                    yield sse(event)
         truncated = _truncated(last)
         for event in items.finish(truncated):
             yield sse(event)

@@ -7,7 +7,8 @@ the one a `Stream` response is built with, so a stream went out as `application/
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+import asyncio
+from typing import Any, AsyncIterator, TypeVar
 
 import msgspec
 from litestar.response import Stream
@@ -15,6 +16,15 @@ from litestar.response import Stream
 SSE_MEDIA_TYPE = "text/event-stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = b"data: [DONE]\n\n"
+# an SSE comment: clients' parsers skip it, their connection sees data (Claude Code drops a
+# connection that is idle for some minutes, Codex a stream idle for 5; a long prompt's prefill,
+# or a wait in the queue, can take that long on a CPU)
+KEEPALIVE = b": keep-alive\n\n"
+KEEPALIVE_SECONDS = 10.0
+# how long a route waits for the first delta before it answers 200 and keeps the stream alive:
+# a request the engine refuses raises at once, so it still gets its HTTP status
+ADMIT_SECONDS = 0.5
+T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
 
 
@@ -42,3 +52,28 @@ class EventStream(Stream):
     def to_asgi_response(self, *args: Any, **kwargs: Any):
         kwargs["media_type"] = SSE_MEDIA_TYPE
         return super().to_asgi_response(*args, **kwargs)
+
+
+async def with_keepalive(items: AsyncIterator[T], first_wait: float = ADMIT_SECONDS,
+                         interval: float = KEEPALIVE_SECONDS) -> AsyncIterator[T | None]:
+    """`items` with a None whenever the first item is slow to come: after `first_wait`
+    seconds, then every `interval` seconds until it arrives (the route sends a KEEPALIVE
+    for each). Once items flow they pass through as they are. Leaving early closes `items`."""
+    first = asyncio.ensure_future(anext(items))
+    try:
+        wait = first_wait
+        while not (await asyncio.wait({first}, timeout=wait))[0]:
+            yield None
+            wait = interval
+        try:
+            item = first.result()
+        except StopAsyncIteration:
+            return
+        yield item
+        async for item in items:
+            yield item
+    finally:
+        if not first.done():
+            first.cancel()  # the pending first step ends by the cancellation; its finally cleans up
+            await asyncio.gather(first, return_exceptions=True)
+        await items.aclose()

@@ -207,3 +207,18 @@ def test_root_answers_and_every_request_is_logged(server):
     assert re.search(r"POST /v1/chat/completions 200 model=gemma3:270m prompt=\d+ cached=\d+ generated=3 "
                      r"ttft=\d+\.\d+s duration=\d+\.\d+s", log), log[-2000:]
     assert re.search(r"POST /v1/chat/completions 400 duration=\S+ \| error: messages must hold at least one", log)
+
+
+@pytest.mark.slow
+def test_a_long_prefill_keeps_the_stream_alive(server):
+    """Clients drop a connection idle for minutes; a long prompt's prefill takes that long on a
+    small CPU. The stream answers 200 at once and sends SSE comments until the first event."""
+    words = " ".join(f"w{i}" for i in range(2500))  # unique text: a cold prefill of some seconds
+    with httpx.stream("POST", server.url + "/v1/messages", headers=HEADERS, timeout=120, json={
+            "model": MODEL, "max_tokens": 2, "stream": True,
+            "messages": [{"role": "user", "content": words}]}) as r:
+        assert r.status_code == 200
+        body = r.read().decode()
+    assert body.startswith(": keep-alive\n\n"), body[:200]
+    events = [line for line in body.splitlines() if line.startswith("event: ")]
+    assert events[0] == "event: message_start" and events[-1] == "event: message_stop"
