@@ -108,3 +108,59 @@ def test_host_bitmask_path_equals_the_torch_path(vocab):
         want = logits[r].masked_fill(~allowed, float("-inf"))
         assert torch.equal(out[r], want), r
         assert int((~torch.isneginf(out[r])).sum()) == int(allowed[~torch.isneginf(logits[r])].sum())
+
+
+# ----------------------------------------------------------------------------- --grammar-budget
+
+
+def test_cli_has_grammar_budget_mode():
+    args = build_parser().parse_args(["bench", "--grammar-budget"])
+    assert args.grammar_budget == (32, 64, 128, 200) and args.url is None
+    args = build_parser().parse_args(["bench", "--grammar-budget", "16,48", "--url", "http://127.0.0.1:8300"])
+    assert args.grammar_budget == (16, 48) and args.url == "http://127.0.0.1:8300"
+
+
+def test_budget_plan_covers_every_case_at_every_budget():
+    from localserve.bench.budget_schemas import SCHEMAS, TOOL_CASES
+    from localserve.bench.grammar_budget import plan_answers
+
+    plan = plan_answers((32, 64), (1.0, 0.7), (1,))
+    assert len(SCHEMAS) >= 20 and len(plan) == 2 * 2 * (len(SCHEMAS) + 1 + len(TOOL_CASES))
+    for (mt, temp) in [(32, 1.0), (64, 0.7)]:
+        row = [a for a in plan if a.max_tokens == mt and a.temperature == temp]
+        assert {a.name for a in row} == {*SCHEMAS, "json_object", *TOOL_CASES}
+        assert len({a.seed for a in row}) == len(row)
+
+
+def test_budget_schemas_are_schemas_the_grammar_compiles(tmp_path):
+    import jsonschema
+
+    from localserve.bench.budget_schemas import SCHEMAS, TOOLS
+    from localserve.engine.grammar import tokenizer_grammar
+    from localserve.engine.guided import GuidedDecoding
+    from localserve.models.tokenizer import Tokenizer
+    from localserve.server.tools import GENERIC, tools_from_openai
+    from localserve.server.tools.grammar import forced_calls_ebnf
+    from tests.models.tokenizer_builders import write_byte_level_gguf
+
+    tok = Tokenizer.from_gguf(write_byte_level_gguf(tmp_path / "t.gguf"), cache_dir=tmp_path / "cache")
+    tg = tokenizer_grammar(tok, tok.vocab_size, sorted(tok.eos_token_ids))
+    for name, (prompt, schema) in SCHEMAS.items():
+        jsonschema.Draft202012Validator.check_schema(schema)
+        assert prompt and tg.compile(GuidedDecoding(json_schema=schema)) is not None, name
+    tg.compile(GuidedDecoding(ebnf=forced_calls_ebnf(tools_from_openai(TOOLS), GENERIC, parallel=True)))
+
+
+def test_budget_table_counts_what_was_checked():
+    from localserve.bench.grammar_budget import Answer, BudgetBenchResult
+
+    ok = Answer("json_schema", "person", 32, 1.0, 1, "length", 32, parsed=True, valid=True)
+    cut = Answer("json_schema", "order", 32, 1.0, 2, "length", 32, error="JSONDecodeError: x", text='{"a')
+    leak = Answer("tool_call", "required", 32, 0.7, 3, "length", 33, parsed=True, leaked=True)
+    r = BudgetBenchResult("m", 2, [ok, cut, leak], seconds=1.0, date="today")
+    lines = r.table().splitlines()
+    assert "| JSON | 32 | 1 | 2 | 1 | 1 | 2 | 0 | 0 |" in lines
+    assert "| tool call | 32 | 0.7 | 1 | 1 | 0 | 1 | 1 | 1 |" in lines
+    assert "| **all** | | | **3** | **2** | **1** | **3** | **1** | **1** |" in lines
+    assert sum(line.startswith("- failed:") for line in lines) == 2
+    assert json.loads(json.dumps(r.to_dict()))["answers"][1]["error"] == "JSONDecodeError: x"

@@ -2,8 +2,9 @@
 
 `TokenizerGrammar` (one per tokenizer, cached) turns a GuidedDecoding spec into an xgrammar
 CompiledGrammar; `GrammarState` (one per sequence, held by its Request) follows the sequence's
-output through a GrammarMatcher, fills the packed token bitmask for its next sample, and finds
-the text the grammar forces next (jump-forward).
+output through a GrammarMatcher, fills the packed token bitmask for its next sample, finds the
+text the grammar forces next (jump-forward) and keeps the output closable within its token
+budget (close_within, from localserve/engine/grammar_close.py).
 
 xgrammar imports torch, so it is imported only when the first constrained request arrives:
 an engine that never sees one never loads it (tests/test_layers.py checks the engine imports
@@ -17,13 +18,15 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
+from localserve.engine.grammar_close import BudgetClosing, JumpForward
 from localserve.engine.guided import GuidedDecoding
+from localserve.engine.schema_bounds import MAX_WHITESPACE, bounded_schema
 from localserve.errors import InvalidRequestError
+
 
 # forced text ending in one of these closes a token for sure in the tokenizers we serve; any
 # other last forced token may merge with what the model writes next, so it is left to the model
@@ -32,15 +35,6 @@ _HARD_END = frozenset('{}[],:')
 
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
-
-
-@dataclass(slots=True)
-class JumpForward:
-    """Tokens to put in place of the last `num_replaced` output tokens (the sampled token,
-    re-tokenized together with the forced text that follows it)."""
-
-    num_replaced: int
-    token_ids: list[int]
 
 
 class TokenizerGrammar:
@@ -69,6 +63,9 @@ class TokenizerGrammar:
         # that strip a leading space (Llama 2) only do so at the start of a decode
         self.context_id = tokenizer.encode(".", add_special_tokens=False)[-1]
         self.context_text = tokenizer.decode([self.context_id], skip_special_tokens=False)
+        self._vocab_bytes: list[bytes] | None = None  # xgrammar's decoded vocabulary, on first use
+        self._pieces: dict[bytes, int] | None = None  # decoded piece -> id, for longest_match
+        self._longest = 0
         self._stop_words = np.zeros(bitmask_words(vocab_size), dtype=np.int32)
         for t in self.stop_token_ids:
             self._stop_words[t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
@@ -79,16 +76,11 @@ class TokenizerGrammar:
         what = {"json_schema": "JSON schema", "json_object": "JSON object constraint",
                 "regex": "regex", "ebnf": "EBNF grammar", "choice": "choice"}[kind]
         try:
-            if kind == "json_schema":
-                return self.compiler.compile_json_schema(
-                    _bounded_strings_as_patterns(spec.schema_dict()),
-                    any_whitespace=spec.any_whitespace,
-                    strict_mode=True,
-                )
-            if kind == "json_object":
-                return self.compiler.compile_json_schema(
-                    {"type": "object"}, any_whitespace=spec.any_whitespace
-                )
+            if kind in ("json_schema", "json_object"):
+                schema = spec.schema_dict() if kind == "json_schema" else {"type": "object"}
+                ws = MAX_WHITESPACE if spec.any_whitespace else None
+                return self.compiler.compile_json_schema(bounded_schema(schema), any_whitespace=spec.any_whitespace,
+                                                         max_whitespace_cnt=ws, strict_mode=True)
             if kind == "regex":
                 return self.compiler.compile_regex(spec.regex)
             if kind == "ebnf":
@@ -104,6 +96,37 @@ class TokenizerGrammar:
             return None
         return full[len(self.context_text):]
 
+    def token_bytes(self, ids: Sequence[int]) -> bytes:
+        """The bytes the grammar sees for `ids` (xgrammar's decoded vocabulary)."""
+        vocab = self._decoded()
+        return b"".join(vocab[i] for i in ids)
+
+    def longest_match(self, data: bytes) -> list[int] | None:
+        """`data` as the longest vocabulary pieces, left to right (xgrammar's way of spelling
+        forced text); None if some byte has no piece."""
+        if self._pieces is None:
+            self._pieces = {}
+            for i, piece in enumerate(self._decoded()):
+                if piece and i not in self.special_token_ids:
+                    self._pieces.setdefault(piece, i)
+            self._longest = max(map(len, self._pieces), default=0)
+        ids, pos = [], 0
+        while pos < len(data):
+            for end in range(min(len(data), pos + self._longest), pos, -1):
+                i = self._pieces.get(data[pos:end])
+                if i is not None:
+                    ids.append(i)
+                    pos = end
+                    break
+            else:
+                return None
+        return ids
+
+    def _decoded(self) -> list[bytes]:
+        if self._vocab_bytes is None:
+            self._vocab_bytes = [bytes(p) for p in self.info.decoded_vocab]
+        return self._vocab_bytes
+
     def new_state(self, compiled: Any) -> GrammarState:
         return GrammarState(self, self.xgr.GrammarMatcher(compiled))
 
@@ -112,11 +135,11 @@ class TokenizerGrammar:
         return not np.any(bitmask & ~self._stop_words)
 
 
-class GrammarState:
+class GrammarState(BudgetClosing):
     """One sequence's position in its grammar. Owned by the Request; only the engine thread
     touches it (in Scheduler.update and Scheduler.schedule)."""
 
-    __slots__ = ("grammar", "matcher", "bitmask", "masked", "num_accepted")
+    __slots__ = ("grammar", "matcher", "bitmask", "masked", "num_accepted", "_closing", "_closing_at")
 
     def __init__(self, grammar: TokenizerGrammar, matcher: Any) -> None:
         self.grammar = grammar
@@ -124,6 +147,10 @@ class GrammarState:
         self.bitmask = np.empty(bitmask_words(grammar.vocab_size), dtype=np.int32)
         self.masked = True  # False when the mask allows every token (nothing to apply)
         self.num_accepted = 0
+        # a completion known to fit the budget from where the matcher was after _closing_at
+        # accepted tokens (close_within falls back to it)
+        self._closing: bytes | None = None
+        self._closing_at = -1
         self.fill_bitmask()
 
     @property
@@ -157,6 +184,7 @@ class GrammarState:
         if num_tokens:
             self.matcher.rollback(num_tokens)
             self.num_accepted -= num_tokens
+            self._closing_at = -1
             self.fill_bitmask()
 
     def jump_forward(self, last_token: int, max_new: int) -> JumpForward | None:
@@ -183,14 +211,23 @@ class GrammarState:
                     if ids == [last_token]:
                         return None  # all of the forced text is held back
                     if self._accept_replacing(ids, [last_token]):
-                        return JumpForward(1, ids)
+                        return self._kept(JumpForward(1, ids), [last_token], max_new)
         ids = self._spell(forced)
         if ids is None:
             return None
         ids = ids[:max_new]
         if ids and self._accept_replacing(ids, []):
-            return JumpForward(0, ids)
+            return self._kept(JumpForward(0, ids), [], max_new)
         return None
+
+    def _spell_all(self, data: bytes) -> list[int] | None:
+        """Tokens that write `data` (UTF-8) here, all of it: as the tokenizer spells it, else
+        (a tokenizer that prefixes a space, a split character) by longest vocabulary match."""
+        try:
+            ids = self._spell(data.decode(), hold_back=False)
+        except UnicodeDecodeError:
+            ids = None
+        return ids if ids is not None else self.grammar.longest_match(data)
 
     def _spell(self, text: str, hold_back: bool = True) -> list[int] | None:
         """How the tokenizer writes `text` in the middle of an output; None where those tokens
@@ -212,12 +249,16 @@ class GrammarState:
             n += 1
         if n == len(ids):
             return True
-        if n:
-            self.matcher.rollback(n)
-            self.num_accepted -= n
+        self._restore(n, replaced)
+        return False
+
+    def _restore(self, num_tokens: int, replaced: Sequence[int]) -> None:
+        """Forgets the last num_tokens accepted tokens and accepts `replaced` again."""
+        if num_tokens:
+            self.matcher.rollback(num_tokens)
+            self.num_accepted -= num_tokens
         restored = all(self.accept(t) for t in replaced)
         assert restored, "the grammar refused tokens it had accepted"
-        return False
 
 
 _cache: dict[tuple[int, int, tuple[int, ...]], TokenizerGrammar] = {}
@@ -258,30 +299,6 @@ def _vocab_kind(tokenizer: Any, xgr: Any) -> tuple[Any, bool]:
     ids = tokenizer.encode("a", add_special_tokens=False)
     first = tokenizer.id_to_piece(ids[0]) if ids else None
     return vocab_type, bool(first and first.startswith(space))
-
-
-# a JSON string character: no quote, backslash or control character (RFC 8259); escapes
-# are given up in length-bounded strings
-_STRING_CHAR = r'[^"\\\x00-\x1f]'
-
-
-def _bounded_strings_as_patterns(schema: Any) -> Any:
-    """A copy of schema where strings with minLength/maxLength (and no pattern, format, enum or
-    const) carry the equivalent pattern. xgrammar 0.2.8 compiles such strings to
-    `[^"\\\r\n]{m,n}`, which lets raw control characters in and so yields invalid JSON."""
-    if isinstance(schema, list):
-        return [_bounded_strings_as_patterns(v) for v in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _bounded_strings_as_patterns(v) for k, v in schema.items()}
-    bounded = "minLength" in out or "maxLength" in out
-    if out.get("type") == "string" and bounded and not out.keys() & {"pattern", "format", "enum", "const"}:
-        lo, hi = out.get("minLength", 0), out.get("maxLength", "")
-        if isinstance(lo, int) and (hi == "" or isinstance(hi, int)):
-            out["pattern"] = f"^{_STRING_CHAR}{{{lo},{hi}}}$"
-            out.pop("minLength", None)  # xgrammar ignores them next to a pattern
-            out.pop("maxLength", None)
-    return out
 
 
 def _choice_ebnf(choices: Sequence[str]) -> str:

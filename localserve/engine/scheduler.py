@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from localserve.engine.block_tables import BlockTableRows
+from localserve.engine.grammar_close import JumpForward
 from localserve.engine.kv_cache_manager import KVCacheManager
 from localserve.engine.plan import ForwardOutput, Plan, SamplingRow
 from localserve.engine.request import Request, RequestStatus
@@ -97,6 +98,7 @@ class Scheduler:
         self.num_steady_steps = 0  # steps planned from the steady batch, lifetime
         self.num_preemptions = 0
         self.num_forced_tokens = 0  # output tokens inserted by jump-forward, lifetime
+        self.num_budget_closes = 0  # constrained outputs closed by their grammar at max_tokens, lifetime
 
     # -- queue ----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -441,8 +443,9 @@ class Scheduler:
         return events
 
     def _advance_grammar(self, req: Request, ev: TokenEvent) -> bool:
-        """Moves req's grammar past the sampled token, then appends what the grammar forces
-        next (jump-forward) and fills the mask for the next sample. False if it finished req."""
+        """Moves req's grammar past the sampled token, closes the output where the token
+        would leave it unable to close within the token budget, else appends what the grammar
+        forces next (jump-forward); fills the mask for the next sample. False if it finished req."""
         g = req.grammar
         if not g.accept(ev.token_id):
             # the backend sampled outside the mask: end the sequence rather than emit text
@@ -450,23 +453,37 @@ class Scheduler:
             log.error("request %s: token %d violates its grammar", req.request_id, ev.token_id)
             self.finish(req, RequestStatus.FINISHED_STOPPED)
             return False
+        room = self.cfg.max_context - req.num_tokens  # the tokens the output may still gain
+        if req.params.max_tokens is not None:
+            room = min(room, req.params.max_tokens - len(req.output_token_ids))
+        close = g.close_within(ev.token_id, room)
+        if close is not None:
+            # the sampled token would leave the output unable to close in its budget: the
+            # grammar's completion takes its place (it is not in the KV cache yet), and the
+            # sequence ends there, parsed
+            self._put_jump(req, ev, close)
+            ev.logprob = ev.top = None
+            self.num_budget_closes += 1
+            self.finish(req, RequestStatus.FINISHED_STOPPED if g.terminated else RequestStatus.FINISHED_LENGTH)
+            return False
         # jump-forward tokens have no logprobs, so requests that want them decode every token
         if self.cfg.enable_jump_forward and not g.terminated and not req.params.logprobs:
-            room = self.cfg.max_context - req.num_tokens
-            if req.params.max_tokens is not None:
-                room = min(room, req.params.max_tokens - len(req.output_token_ids))
             jump = g.jump_forward(ev.token_id, room)
             if jump is not None:
-                # the sampled token is not in the KV cache yet, so it can still be re-spelled
-                if jump.num_replaced:
-                    req.output_token_ids[-1:] = jump.token_ids
-                    ev.jump_ids = list(jump.token_ids)
-                else:
-                    req.output_token_ids.extend(jump.token_ids)
-                    ev.jump_ids = [ev.token_id, *jump.token_ids]
-                self.num_forced_tokens += len(ev.jump_ids) - 1
+                self._put_jump(req, ev, jump)
         g.fill_bitmask()
         return True
+
+    def _put_jump(self, req: Request, ev: TokenEvent, jump: JumpForward) -> None:
+        """Puts a grammar's JumpForward into req's output and the step's event; the sampled
+        token is not in the KV cache yet, so it can still be re-spelled or replaced."""
+        if jump.num_replaced:
+            req.output_token_ids[-1:] = jump.token_ids
+            ev.jump_ids = list(jump.token_ids)
+        else:
+            req.output_token_ids.extend(jump.token_ids)
+            ev.jump_ids = [ev.token_id, *jump.token_ids]
+        self.num_forced_tokens += len(ev.jump_ids) - 1
 
     def _check_stop(self, req: Request, tok: int) -> None:
         p = req.params

@@ -5,7 +5,8 @@ grammar for the engine (GuidedDecoding(ebnf=...)), so the output always parses.
 
 xgrammar builds the JSON part from the schemas (Grammar.from_json_schema / union / concat,
 which keep the rule names of the pieces apart); it is imported here only when a forced call
-is asked for.
+is asked for. Digit runs are bounded (engine/schema_bounds.py); whitespace is the compact
+form, so nothing in the grammar loops but strings, which the engine closes within max_tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from typing import Any, Sequence
 
 from localserve.engine.guided import GuidedDecoding
+from localserve.engine.schema_bounds import bounded_schema
 from localserve.errors import InvalidRequestError
 from localserve.server.tools.formats import ToolFormat
 from localserve.server.tools.spec import ToolSpec
@@ -25,12 +27,18 @@ MAX_FORCED_CALLS = 16
 
 
 def call_schema(tool: ToolSpec, args_key: str) -> dict[str, Any]:
-    return {
+    """The JSON schema of one call of `tool`, its runs bounded (engine/schema_bounds.py). The
+    parameters' own definitions move to the root, where their `#/$defs/...` references
+    point once the parameters sit under a property."""
+    params = dict(tool.parameters) if isinstance(tool.parameters, dict) else tool.parameters
+    defs = {k: params.pop(k) for k in ("$defs", "definitions") if isinstance(params, dict) and k in params}
+    return bounded_schema({
         "type": "object",
-        "properties": {"name": {"const": tool.name}, args_key: tool.parameters},
+        "properties": {"name": {"const": tool.name}, args_key: params},
         "required": ["name", args_key],
         "additionalProperties": False,
-    }
+        **defs,
+    })
 
 
 def forced_calls_ebnf(tools: Sequence[ToolSpec], fmt: ToolFormat, parallel: bool) -> str:

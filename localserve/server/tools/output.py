@@ -32,7 +32,10 @@ class OutputParser:
     @classmethod
     def for_request(cls, plan: Any, tokenizer: Any, prompt_text: str) -> OutputParser:
         """plan: a ToolPlan (or None); prompt_text: the rendered prompt."""
-        return cls(ReasoningParser.for_prompt(tokenizer, prompt_text), plan.parser() if plan is not None else None)
+        tools = plan.parser() if plan is not None else None
+        if tools is not None and plan.guided is not None:
+            tools.forced = True  # the plan's grammar forces the calls
+        return cls(ReasoningParser.for_prompt(tokenizer, prompt_text), tools)
 
     @property
     def calls(self) -> list[ToolCall]:
@@ -62,7 +65,7 @@ class OutputParser:
         if self.tools is None:
             return ParsedOutput(thought, text)
         content, calls = self.tools.parse(text)
-        return ParsedOutput(thought, content if content or not calls else None, calls)
+        return ParsedOutput(thought, content if content or not (calls or self.tools.forced) else None, calls)
 
     def _events(self, thought: str, content: str) -> list[Event | ReasoningDelta]:
         out: list[Event | ReasoningDelta] = [ReasoningDelta(thought)] if thought else []

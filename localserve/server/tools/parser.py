@@ -9,7 +9,9 @@ Invariants:
 * whitespace before a call and between calls is dropped, never sent as content;
 * a call starts (CallStart) only once its name is known and is one of the tools; the
   concatenated ArgsDelta texts of a call are exactly the arguments JSON the model wrote;
-* anything that does not parse as a call is content: never an exception.
+* anything that does not parse as a call is content: never an exception; except under a
+  forced call (tool_choice required or a named function, `forced`), where the grammar made the
+  whole output the calls: a call cut short (by max_tokens, say) is dropped, never content.
 """
 
 from __future__ import annotations
@@ -172,12 +174,15 @@ class _Pending:
 
 class ToolCallParser:
     """One choice's output in one ToolFormat. `tool_names`: the calls that count (empty: any);
-    `max_calls`: calls past this many are dropped (1 when parallel_tool_calls is false; 0: no limit)."""
+    `max_calls`: calls past this many are dropped (1 when parallel_tool_calls is false; 0: no limit);
+    `forced`: a grammar forced the output to be calls, so no text of it is content."""
 
-    def __init__(self, fmt: ToolFormat, tool_names: Collection[str] = (), max_calls: int = 0) -> None:
+    def __init__(self, fmt: ToolFormat, tool_names: Collection[str] = (), max_calls: int = 0,
+                 forced: bool = False) -> None:
         self.fmt = fmt
         self.names = frozenset(tool_names)
         self.max_calls = max_calls
+        self.forced = forced
         self.calls: list[ToolCall] = []
         self.incomplete = False  # a call started and then broke off (truncated or malformed)
         self._buf = ""
@@ -207,7 +212,7 @@ class ToolCallParser:
                 self.incomplete = self._call.index >= 0
             elif not self._block_calls:
                 self._text(self._buf[self._block_start:], out)
-        if self._ws and not self._started:
+        if self._ws and not self._started and not self.forced:
             out.append(TextDelta(self._ws))
         self._ws = ""
         self._state = "done"
@@ -215,10 +220,10 @@ class ToolCallParser:
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """The whole output -> (content, complete calls). When a call broke off and none
-        completed, the whole text is the content."""
+        completed, the whole text is the content (none under a forced call)."""
         events = self.feed(text) + self.finish()
         if self.incomplete and not self.calls:
-            return text, []
+            return ("" if self.forced else text), []
         return "".join(e.text for e in events if isinstance(e, TextDelta)), list(self.calls)
 
     # -- states --------------------------------------------------------------------------------
@@ -419,6 +424,8 @@ class ToolCallParser:
         self._state = "text" if self.fmt.start else "plain"
 
     def _text(self, s: str, out: list[Event], before_call: bool = False) -> None:
+        if self.forced:
+            return
         s = self._ws + s
         self._ws = ""
         if self._after_call and not self._has_text:
