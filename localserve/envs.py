@@ -170,6 +170,9 @@ WEIGHTS = Knob("LOCALSERVE_WEIGHTS", "auto|fp8", "auto", _text_or_none, _UP,
                setting="weights")
 KV_DTYPE = Knob("LOCALSERVE_KV_DTYPE", "auto|fp8", "auto", _text_or_none, _UP,
                 "fp8: KV pages in e4m3 on NVIDIA GPUs with FP8", setting="kv_dtype")
+ENGINE_PROCESS = Knob("LOCALSERVE_ENGINE_PROCESS", "auto|on|off", "auto", _text_or_none, _UP,
+                      "the engine core in a process of its own (on) or on a thread of the server's (off); "
+                      "auto: on with an accelerator, off on the CPU", setting="engine_process")
 CORS_ORIGINS = Knob("LOCALSERVE_CORS_ORIGINS", "list", "", _comma_list, _UP,
                     "comma-separated browser origins allowed; empty: localhost origins only",
                     setting="cors_origins")

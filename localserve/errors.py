@@ -68,3 +68,19 @@ class ModelNotFoundError(LocalServeError):
     def __init__(self, model: str, served: list[str]) -> None:
         super().__init__(f"The model {model!r} does not exist; this server serves: {', '.join(served)}")
         self.model = model
+
+
+class EngineDeadError(LocalServeError):
+    """The engine stopped: its process exited, or a step failed for the request."""
+
+    status = 500
+    code = "engine_dead"
+
+
+class EngineRequestError(LocalServeError):
+    """A request the engine (in its own process) refused or lost, with the status it gave."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

@@ -16,12 +16,9 @@ from typing import AsyncIterator, Sequence
 from localserve.engine.llm_engine import LLMEngine
 from localserve.engine.outputs import SeqDelta
 from localserve.engine.sampling_params import SamplingParams
+from localserve.errors import EngineDeadError
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    pass
 
 
 class AsyncEngine:

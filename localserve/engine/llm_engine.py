@@ -73,6 +73,28 @@ def _async_scheduling(cfg: EngineConfig, backend: Backend) -> bool:
     return supported and cfg.async_scheduling is not False
 
 
+def eos_token_ids(model_config: ModelConfig, tokenizer: Any | None) -> frozenset[int]:
+    """The tokens that end a sequence: the model's and the tokenizer's."""
+    eos = set(model_config.eos_token_ids)
+    if tokenizer is not None:
+        eos |= set(tokenizer.eos_token_ids)
+    return frozenset(eos)
+
+
+def check_prompt(num_prompt_tokens: int, params: SamplingParams, max_context: int) -> None:
+    """Raises the typed errors the server turns into 400s; never truncates."""
+    if num_prompt_tokens == 0:
+        raise InvalidRequestError("the prompt is empty")
+    if num_prompt_tokens >= max_context:
+        raise ContextOverflowError(num_prompt_tokens, max_context)
+    if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > max_context:
+        raise ContextOverflowError(
+            num_prompt_tokens + params.max_tokens,
+            max_context,
+            what=f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({params.max_tokens})",
+        )
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -91,10 +113,7 @@ class LLMEngine:
         max_context = min(cfg.max_context or model_config.max_context, model_config.max_context,
                           num_blocks * cfg.block_size)
         backend.init_kv(num_blocks, cfg.block_size)
-        eos = set(model_config.eos_token_ids)
-        if tokenizer is not None:
-            eos |= set(tokenizer.eos_token_ids)
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = eos_token_ids(model_config, tokenizer)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=cfg.max_num_seqs,
@@ -121,17 +140,7 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------
     def check_prompt(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        """Raises the typed errors the server turns into 400s; never truncates."""
-        if num_prompt_tokens == 0:
-            raise InvalidRequestError("the prompt is empty")
-        if num_prompt_tokens >= self.max_context:
-            raise ContextOverflowError(num_prompt_tokens, self.max_context)
-        if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > self.max_context:
-            raise ContextOverflowError(
-                num_prompt_tokens + params.max_tokens,
-                self.max_context,
-                what=f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({params.max_tokens})",
-            )
+        check_prompt(num_prompt_tokens, params, self.max_context)
 
     def add_request(
         self,
@@ -193,6 +202,11 @@ class LLMEngine:
             for req in self._requests.pop(request_id, []):
                 self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
                 self._detok.pop(req.seq_id, None)
+
+    def request_ids(self) -> list[str]:
+        """The requests added and not yet finished or aborted."""
+        with self._lock:
+            return list(self._requests)
 
     def has_unfinished(self) -> bool:
         return bool(self._inflight) or self.scheduler.has_unfinished()

@@ -69,3 +69,40 @@ def load_model(
         load_seconds=time.perf_counter() - t0,
         info={"gc": gc_info},
     )
+
+
+def warm_up(engine: LLMEngine) -> None:
+    """One short request before serving, so the first client does not pay for first-call
+    initialisation (kernel dispatch, allocator, thread pools); its pages are then evicted."""
+    from localserve.engine.sampling_params import SamplingParams
+
+    bos = engine.model_config.bos_token_id
+    engine.generate([[bos if bos is not None else 0] * 2], SamplingParams(max_tokens=2, temperature=0.0))
+    engine.reset_prefix_cache()
+
+
+def engine_info(engine: LLMEngine):
+    """The EngineInfo the server reports (and, with the engine in its own process, receives)."""
+    from localserve.runtime.core_messages import EngineInfo
+
+    return EngineInfo(max_context=engine.max_context, block_size=engine.scheduler.kv.block_size,
+                      num_blocks=engine.scheduler.kv.num_blocks, kv_bytes_per_token=_kv_bytes_per_token(engine),
+                      device=_device_name(type(engine.backend)))
+
+
+def _kv_bytes_per_token(engine: LLMEngine) -> int:
+    # backends hold the pool as [layers, 2, tokens, kv_heads, head_dim]; torch pools expose it
+    kv = getattr(engine.backend, "kv", None)
+    if kv:
+        k, v = kv[0]
+        per_layer = (k.nbytes + v.nbytes) // max(1, k.shape[0])
+        return per_layer * len(kv)
+    return engine.model_config.kv_bytes_per_token(4)
+
+
+def _device_name(backend_cls) -> str:
+    try:
+        devices = backend_cls.probe()
+    except Exception:  # a probe that fails now still served the model; say what we know
+        return backend_cls.name
+    return devices[0].name if devices else backend_cls.name

@@ -52,7 +52,7 @@ async def health(request: Request) -> Response:
     body = {"status": state.status, "model": state.served.name if state.served else state.model_ref}
     if state.load_error:
         body["error"] = state.load_error
-    return Response(body, status_code=200 if state.served else 503, media_type=MediaType.JSON)
+    return Response(body, status_code=200 if state.status == "ready" else 503, media_type=MediaType.JSON)
 
 
 @get("/metrics", summary="Prometheus metrics", tags=["server"], media_type=prom.CONTENT_TYPE)

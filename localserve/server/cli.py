@@ -48,6 +48,10 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto|fp8: fp8 keeps the KV cache in e4m3 on NVIDIA GPUs with FP8 "
                         "(twice the tokens, half the attention reads; default: auto, the "
                         "compute dtype)")
+    p.add_argument("--engine-process", default=None, choices=("auto", "on", "off"),
+                   help="run the engine core (scheduler, backend, KV) in a process of its own (on) or on a "
+                        "thread of the server process (off); auto: on with an accelerator, off on the CPU "
+                        "(default: auto)")
     p.add_argument("--cors-origin", dest="cors_origins", action="append", default=None,
                    help="allow this browser origin (default: localhost origins only); repeatable")
     p.add_argument("--max-body-mb", type=int, default=None, help="request body limit in MiB (default: 32)")
@@ -104,53 +108,84 @@ def serve(settings) -> int:
     if not server.started:
         say(f"localserve: could not listen on {settings.host}:{settings.port}")
         return 1
-    return 0
+    return _EXIT_STATUS
 
 
 def _exit_cleanly_on_signals() -> None:
     """uvicorn handles SIGINT/SIGTERM itself, then restores the previous handlers and raises the
     signal again once it has shut down; with the default handler that would end the process by
-    the signal (exit status -15) after a clean shutdown. A stop asked for is a success: exit 0."""
+    the signal (exit status -15) after a clean shutdown. A stop asked for is a success: exit 0
+    (1 when the engine process died)."""
     import signal
 
     def stop(signum, frame):
-        raise SystemExit(0)
+        raise SystemExit(_EXIT_STATUS)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
 
 
 def _load(state, settings, name: str, url: str) -> None:
+    from localserve.server.served_model import ServedModel
+
+    model = _start_engine(settings, name)
+    info = model.info
+    say(f"localserve: model {name} ({model.config.architecture}, {model.source}) on backend {model.backend_name}"
+        f" ({f'engine process {model.pid}' if hasattr(model, 'process') else 'engine in the server process'})")
+    say(f"localserve: context {info.max_context} tokens; KV capacity {info.num_blocks * info.block_size} tokens "
+        f"({info.num_blocks} pages); loaded in {model.load_seconds:.1f} s")
+    state.served = ServedModel(model, [name], _limits(settings), state.metrics)
+    if hasattr(model, "process"):
+        model.on_death = lambda why: _exit_on_engine_death(state, why)
+    say(f"localserve: ready at {url}/v1")
+
+
+def _start_engine(settings, name: str):
+    """The engine, loaded and warmed up: in a process of its own (EngineCoreClient) or on a
+    thread of this one (InProcessEngine), as --engine-process says."""
+    from localserve.backends import select_backend
     from localserve.engine.backend import BackendConfig
     from localserve.engine.llm_engine import EngineConfig
-    from localserve.runtime.loader import load_model
-    from localserve.server.served_model import ServedModel
+    from localserve.runtime.default_model import resolve_model_ref
 
     backend_cfg = BackendConfig(num_threads=settings.threads, memory_utilization=settings.kv_memory,
                                 max_num_seqs=settings.max_running, weight_format=settings.weights,
                                 kv_dtype=settings.kv_dtype)
     engine_cfg = EngineConfig(max_num_seqs=settings.max_running, max_context=settings.ctx)
-    loaded = load_model(settings.model, backend=settings.backend, backend_cfg=backend_cfg, engine_cfg=engine_cfg,
-                        name=name)
-    eng = loaded.engine
-    pages = eng.scheduler.kv.num_blocks
-    kv_tokens = pages * eng.scheduler.kv.block_size
-    say(f"localserve: model {name} ({loaded.config.architecture}, {loaded.source}) on backend {loaded.backend_name}")
-    say(f"localserve: context {eng.max_context} tokens; KV capacity {kv_tokens} tokens ({pages} pages); "
-        f"loaded in {loaded.load_seconds:.1f} s")
-    _warm_up(eng)
-    state.served = ServedModel(loaded, [name], _limits(settings), state.metrics)
-    say(f"localserve: ready at {url}/v1")
+    own_process = settings.engine_process == "on" or (
+        settings.engine_process == "auto" and select_backend(settings.backend).name != "cpu")
+    if not own_process:
+        from localserve.runtime.in_process import InProcessEngine
+        from localserve.runtime.loader import load_model, warm_up
+
+        loaded = load_model(settings.model, backend=settings.backend, backend_cfg=backend_cfg, engine_cfg=engine_cfg,
+                            name=name)
+        warm_up(loaded.engine)
+        return InProcessEngine(loaded)
+    from localserve.runtime.engine_client import EngineCoreClient
+    from localserve.runtime.engine_core import CoreSpec
+    from localserve.runtime.loader import load_tokenizer
+
+    source = resolve_model_ref(settings.model)  # the default model is assembled once, here
+    client = EngineCoreClient(CoreSpec(source, settings.backend, backend_cfg, engine_cfg, name, settings.log_level))
+    client.tokenizer = load_tokenizer(client.source)
+    return client
 
 
-def _warm_up(engine) -> None:
-    """One short request before the ready line, so the first client does not pay for first-call
-    initialisation (kernel dispatch, allocator, thread pools); its pages are then evicted."""
-    from localserve.engine.sampling_params import SamplingParams
+def _exit_on_engine_death(state, why: str) -> None:
+    """The engine process is gone: /health says so, the open requests have failed, and the
+    server stops with status 1 so that a supervisor (systemd, launchd) starts it again."""
+    import os
+    import signal
 
-    bos = engine.model_config.bos_token_id
-    engine.generate([[bos if bos is not None else 0] * 2], SamplingParams(max_tokens=2, temperature=0.0))
-    engine.reset_prefix_cache()
+    state.load_error = why  # /health: 503 "failed", with this message
+    say(f"localserve: {why}; stopping (exit status 1)")
+    global _EXIT_STATUS
+    _EXIT_STATUS = 1
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+_EXIT_STATUS = 0
 
 
 def _limits(settings):

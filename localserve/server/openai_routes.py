@@ -105,13 +105,12 @@ async def compile_guided(served: ServedModel, params) -> None:
     compiler's cache."""
     if params.guided is None:
         return
-    engine = served.engine
-    if engine.tokenizer is None:
+    if served.tokenizer is None:
         raise InvalidRequestError("structured output needs a model with a tokenizer")
     from localserve.engine.grammar import tokenizer_grammar
 
     def compile_() -> None:
-        grammar = tokenizer_grammar(engine.tokenizer, engine.model_config.vocab_size, sorted(engine.eos_token_ids))
+        grammar = tokenizer_grammar(served.tokenizer, served.loaded.config.vocab_size, sorted(served.eos_token_ids))
         grammar.compile(params.guided)
 
     await asyncio.to_thread(compile_)

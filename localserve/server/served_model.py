@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence
 
-from localserve.engine.async_engine import AsyncEngine
+from localserve.engine.llm_engine import check_prompt, eos_token_ids
 from localserve.engine.outputs import SeqDelta
 from localserve.engine.sampling_params import SamplingParams
 from localserve.errors import EngineOverloadedError, ModelNotFoundError
@@ -32,14 +32,15 @@ class Limits:
 
 class ServedModel:
     def __init__(self, loaded, names: Sequence[str], limits: Limits, metrics: ServerMetrics) -> None:
-        """loaded: a runtime.loader.LoadedModel; names: the model ids clients may ask for."""
+        """loaded: the engine and what it serves — a runtime InProcessEngine (the engine on a
+        thread of this process) or EngineCoreClient (in a process of its own); names: the
+        model ids clients may ask for."""
         self.loaded = loaded
-        self.engine = loaded.engine
         self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = eos_token_ids(loaded.config, loaded.tokenizer)
         self.names = list(names)
         self.limits = limits
         self.metrics = metrics
-        self.async_engine = AsyncEngine(loaded.engine)
         self.created = int(time.time())
         self.num_in_flight = 0  # sequences admitted and not yet finished
         # (event type, data) hooks for request_start / request_finish (the server's EventBus)
@@ -52,7 +53,7 @@ class ServedModel:
 
     @property
     def max_context(self) -> int:
-        return self.engine.max_context
+        return self.loaded.info.max_context
 
     def check_model(self, requested: str) -> None:
         # an empty model field means "the one this server serves", as Ollama-style clients expect
@@ -84,7 +85,7 @@ class ServedModel:
                 f"limit {capacity}); retry shortly", retry_after=1)
         try:
             for prompt in prompts:
-                self.engine.check_prompt(len(prompt), params)
+                check_prompt(len(prompt), params, self.max_context)
         except Exception:
             self._count("rejected")
             raise
@@ -104,7 +105,7 @@ class ServedModel:
         cached = 0
         self._emit("request_start", trace.start)
         try:
-            async for delta in self.async_engine.generate(prompt_token_ids, params, trace.id):
+            async for delta in self.loaded.generate(prompt_token_ids, params, trace.id):
                 self._record_tokens(delta, arrival, last_token_time)
                 trace.observe(len(delta.token_ids), delta.num_cached_tokens, delta.index, delta.finish_reason)
                 cached = max(cached, delta.num_cached_tokens)
@@ -162,7 +163,7 @@ class ServedModel:
             self.metrics.requests.inc(1, status)
 
     def _register_gauges(self) -> None:
-        m, eng = self.metrics, self.engine
+        m, eng = self.metrics, self.loaded
         m.add_gauge("localserve_sequences_admitted", "Sequences admitted by the server and not finished "
                     "(running, waiting or being streamed).", lambda: self.num_in_flight)
         m.add_gauge("localserve_requests_running", "Sequences running in the engine.",
@@ -184,7 +185,7 @@ class ServedModel:
                     lambda: eng.stats().num_preemptions, kind="counter")
 
     def shutdown(self) -> None:
-        self.async_engine.shutdown()
+        self.loaded.shutdown()
 
 
 def _ratio(stats) -> float:

@@ -35,6 +35,7 @@ class ServeSettings:
     weights: str = envs.WEIGHTS.default_value  # "auto" | "fp8" (NVIDIA GPUs with FP8 tensor cores)
     # "auto" (the compute dtype) | "fp8" (e4m3 pages, NVIDIA FP8 GPUs)
     kv_dtype: str = envs.KV_DTYPE.default_value
+    engine_process: str = envs.ENGINE_PROCESS.default_value  # "auto" | "on" | "off"
     cors_origins: tuple[str, ...] = envs.CORS_ORIGINS.default_value
     max_body_mb: int = envs.MAX_BODY_MB.default_value
     log_level: str = envs.LOG_LEVEL.default_value
@@ -67,6 +68,9 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         raise SettingsError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {settings.weights!r}")
     if settings.max_tokens_default < 0:
         raise SettingsError(f"max_tokens_default must be 0 (no default cap) or more, got {settings.max_tokens_default}")
+    if settings.engine_process not in ENGINE_PROCESS_CHOICES:
+        raise SettingsError(f"engine_process must be one of {', '.join(ENGINE_PROCESS_CHOICES)}, "
+                            f"got {settings.engine_process!r}")
     if settings.kv_dtype not in KV_DTYPE_CHOICES:
         raise SettingsError(f"kv_dtype must be one of {', '.join(KV_DTYPE_CHOICES)}, "
                             f"got {settings.kv_dtype!r}")
@@ -75,6 +79,7 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
 
 WEIGHT_CHOICES = ("auto", "fp8")
 KV_DTYPE_CHOICES = ("auto", "fp8")
+ENGINE_PROCESS_CHOICES = ("auto", "on", "off")
 
 
 def _read_file(path: Path) -> dict[str, Any]:

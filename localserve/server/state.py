@@ -26,9 +26,9 @@ class ServerState:
 
     @property
     def status(self) -> str:
-        if self.served is not None:
-            return "ready"
-        return "failed" if self.load_error else "loading"
+        if self.load_error:
+            return "failed"  # the model did not load, or the engine process died
+        return "ready" if self.served is not None else "loading"
 
 
 def server_state(request: Request) -> ServerState:
@@ -37,7 +37,7 @@ def server_state(request: Request) -> ServerState:
 
 def served_model(request: Request) -> ServedModel:
     state = server_state(request)
-    if state.served is None:
+    if state.served is None or state.load_error:
         if state.load_error:
             raise HTTPException(status_code=503, detail=f"the model failed to load: {state.load_error}")
         raise HTTPException(status_code=503, detail="the model is still loading; retry shortly",

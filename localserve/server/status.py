@@ -9,7 +9,6 @@ monitor never reaches further into the engine than that.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -59,25 +58,26 @@ def server_status(state: ServerState) -> dict:
 
 def model_status(served) -> dict:
     """served: a ServedModel."""
-    loaded, eng = served.loaded, served.engine
-    st = eng.stats()
+    loaded, info = served.loaded, served.loaded.info
+    st = loaded.stats()
     cfg = loaded.config
-    kv = kv_figures(st, eng.cfg.block_size)
+    kv = kv_figures(st, info.block_size)
     return {
         "name": served.name,
         "names": list(served.names),
         "source": loaded.source,
         "architecture": cfg.architecture,
         "backend": loaded.backend_name,
-        "device": device_name(type(eng.backend)),
+        "device": info.device,
+        "engine_pid": loaded.pid,  # the server's own pid when the engine runs on its thread
         "load_seconds": round(loaded.load_seconds, 3),
-        "context": eng.max_context,
+        "context": info.max_context,
         "model_context": cfg.max_context,
         "memory": {
             "weights_bytes": estimated_weight_bytes(cfg, loaded.backend_name),
             "weights_file_bytes": _path_bytes(loaded.source),
-            "kv_bytes": kv["capacity_tokens"] * _kv_bytes_per_token(eng),
-            "kv_bytes_per_token": _kv_bytes_per_token(eng),
+            "kv_bytes": kv["capacity_tokens"] * info.kv_bytes_per_token,
+            "kv_bytes_per_token": info.kv_bytes_per_token,
         },
         "limits": {"max_running": served.limits.max_running, "max_queued": served.limits.max_queued},
         "running": st.num_running,
@@ -110,15 +110,6 @@ def kv_figures(st: EngineStats, page_size: int) -> dict:
     }
 
 
-@functools.lru_cache(maxsize=8)
-def device_name(backend_cls) -> str:
-    try:
-        devices = backend_cls.probe()
-    except Exception:  # a probe that fails now still served the model; say what we know
-        return backend_cls.name
-    return devices[0].name if devices else backend_cls.name
-
-
 def estimated_weight_bytes(cfg, backend: str) -> int:
     """Weights in device memory, from the shapes: the CPU backend keeps matrices as Q8_0
     (34 bytes per 32 weights), accelerators in 16 bits; norms stay float32 (negligible)."""
@@ -126,16 +117,6 @@ def estimated_weight_bytes(cfg, backend: str) -> int:
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
     matrices = cfg.num_layers * per_layer + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
     return matrices * 34 // 32 if backend == "cpu" else matrices * 2
-
-
-def _kv_bytes_per_token(eng) -> int:
-    # backends hold the pool as [layers, 2, tokens, kv_heads, head_dim]; torch pools expose it
-    kv = getattr(eng.backend, "kv", None)
-    if kv:
-        k, v = kv[0]
-        per_layer = (k.nbytes + v.nbytes) // max(1, k.shape[0])
-        return per_layer * len(kv)
-    return eng.model_config.kv_bytes_per_token(4)
 
 
 def _spec_acceptance(st: EngineStats) -> float | None:
@@ -188,13 +169,13 @@ class StatsTicker:
 
     def peek(self) -> None:
         if self.state.served is not None:
-            st = self.state.served.engine.stats()
+            st = self.state.served.loaded.stats()
             self._queue_peak = max(self._queue_peak, st.num_running + st.num_waiting)
             self._kv_peak = max(self._kv_peak, st.kv_pages_used)
 
     def sample(self) -> dict:
         served = self.state.served
-        st = served.engine.stats()
+        st = served.loaded.stats()
         now = time.monotonic()
         generated = served.metrics.generation_tokens.value()
         last = self._last or (now - self.interval, generated, st.prefix_hit_tokens, st.prefix_query_tokens)
@@ -209,7 +190,7 @@ class StatsTicker:
             "waiting": st.num_waiting,
             "in_flight": served.num_in_flight,
             "queue_peak": queue_peak,  # the most running + waiting seen since the last event
-            "kv": kv_figures(st, served.engine.cfg.block_size),
+            "kv": kv_figures(st, served.loaded.info.block_size),
             "kv_usage_peak": _ratio(kv_peak, st.kv_pages_total),
             "prefix_hit_rate": _ratio(st.prefix_hit_tokens, st.prefix_query_tokens),
             "prefix_hit_rate_recent": _ratio(st.prefix_hit_tokens - last[2], st.prefix_query_tokens - last[3]),
