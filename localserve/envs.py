@@ -149,9 +149,10 @@ BACKEND = Knob("LOCALSERVE_BACKEND", "str", "auto", _text_or_none, _UP,
 CTX = Knob("LOCALSERVE_CTX", "int", None, _int_or_none, _UP,
            "the context length; unset: the model's (capped by the KV pool either way)",
            setting="ctx")
-MAX_RUNNING = Knob("LOCALSERVE_MAX_RUNNING", "int", "32", _int_or_none, _UP,
-                   "sequences decoded together", setting="max_running")
-MAX_QUEUED = Knob("LOCALSERVE_MAX_QUEUED", "int", "256", _int_or_none, _UP,
+MAX_RUNNING = Knob("LOCALSERVE_MAX_RUNNING", "int", None, _int_or_none, _UP,
+                   "sequences decoded together; unset: the backend's recommendation (GPU 1024, CPU 32)",
+                   setting="max_running")
+MAX_QUEUED = Knob("LOCALSERVE_MAX_QUEUED", "int", "4096", _int_or_none, _UP,
                   "sequences waiting beyond those before 429 + Retry-After", setting="max_queued")
 MAX_TOKENS_DEFAULT = Knob("LOCALSERVE_MAX_TOKENS_DEFAULT", "int", "4096", _int_or_none, _UP,
                           "tokens generated for a request that sets no max_tokens; 0: up to the "
@@ -163,8 +164,10 @@ SERVED_MODEL_NAME = Knob("LOCALSERVE_SERVED_MODEL_NAME", "str", None, _text_or_n
                          "the model id clients use; unset: from MODEL", setting="served_model_name")
 THREADS = Knob("LOCALSERVE_THREADS", "int", None, _int_or_none, _UP,
                "CPU backend threads; unset: the physical cores", setting="threads")
-KV_MEMORY = Knob("LOCALSERVE_KV_MEMORY", "float", "0.25", _float_or_none, _UP,
-                 "the share of free memory the KV pages take", setting="kv_memory")
+KV_MEMORY = Knob("LOCALSERVE_KV_MEMORY", "float", None, _float_or_none, _UP,
+                 "GPU: the share of its total memory for weights, graphs and KV pages together (as "
+                 "vLLM's --gpu-memory-utilization); CPU: the share of free RAM the KV pages take; "
+                 "unset: the backend's (GPU 0.9, CPU 0.25)", setting="kv_memory")
 WEIGHTS = Knob("LOCALSERVE_WEIGHTS", "auto|fp8", "auto", _text_or_none, _UP,
                "fp8: the layers' weights in e4m3 on NVIDIA GPUs with FP8 tensor cores",
                setting="weights")

@@ -84,3 +84,10 @@ class EngineRequestError(LocalServeError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class KVCapacityError(LocalServeError):
+    """The KV pool cannot hold one sequence of the context asked for (a start-up error)."""
+
+    status = 500
+    code = "kv_capacity"

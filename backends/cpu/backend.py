@@ -17,7 +17,7 @@ from localserve.backends.torch_common.attention import TorchPagedAttention
 from localserve.backends.torch_common.model import DecoderModel
 from localserve.backends.torch_common.sampling import sample
 from localserve.backends.torch_common.weights import WeightFormat, build_torch_weights
-from localserve.engine.backend import BackendConfig, Buckets, DeviceInfo
+from localserve.engine.backend import BackendConfig, Buckets, DeviceInfo, ServingDefaults
 from localserve.engine.plan import ForwardOutput, Plan
 from localserve.errors import ModelLoadError
 from localserve.models.weights import LoadedWeights
@@ -52,6 +52,12 @@ class CPUBackend:
     @classmethod
     def probe(cls) -> list[DeviceInfo]:
         return [DeviceInfo(backend=cls.name, name=_cpu_name(), memory_bytes=total_ram_bytes())]
+
+    @classmethod
+    def serving_defaults(cls) -> ServingDefaults:
+        """32 sequences and 2,048 tokens a step suit a few cores; the KV pages take a quarter of
+        the free RAM, which leaves the machine usable."""
+        return ServingDefaults(max_num_seqs=32, max_num_batched_tokens=2048, memory_utilization=0.25)
 
     def load(self, model: LoadedWeights, cfg: BackendConfig) -> None:
         self.cfg = cfg

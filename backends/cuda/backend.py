@@ -29,7 +29,7 @@ import torch
 
 from localserve import envs
 from localserve.backends.torch_common.sampling import sample
-from localserve.engine.backend import BackendConfig, Buckets, DeviceInfo
+from localserve.engine.backend import BackendConfig, Buckets, DeviceInfo, ServingDefaults
 from localserve.engine.plan import ForwardOutput, Plan
 from localserve.errors import ModelLoadError
 from localserve.models.weights import LoadedWeights
@@ -92,6 +92,15 @@ class CUDABackend(AttentionChoice):
     @classmethod
     def probe(cls) -> list[DeviceInfo]:
         return gpu.device_infos(cls.platform)
+
+    @classmethod
+    def serving_defaults(cls) -> ServingDefaults:
+        """The recommended batch shape (batch_shape.py: 1,024 sequences, 8,192 tokens a step,
+        measured best for 1,000 concurrent prompts on the H100), and 0.9 of the GPU's memory for
+        weights, graphs, workspace and KV pages together (vLLM's --gpu-memory-utilization)."""
+        shape = recommend_batch_shape()
+        return ServingDefaults(max_num_seqs=shape.max_num_seqs, max_num_batched_tokens=shape.max_num_batched_tokens,
+                               memory_utilization=0.9)
 
     # -- load -------------------------------------------------------------------------
     def load(self, model: LoadedWeights, cfg: BackendConfig) -> None:

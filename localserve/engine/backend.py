@@ -36,6 +36,17 @@ class BackendConfig:
 
 
 @dataclass(slots=True, frozen=True)
+class ServingDefaults:
+    """What a backend recommends where the user set nothing: how many sequences run together,
+    how many tokens one step may carry, and the share of memory the KV pages take (of the
+    accelerator's total memory, as vLLM's --gpu-memory-utilization; of free RAM on the CPU)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    memory_utilization: float
+
+
+@dataclass(slots=True, frozen=True)
 class Buckets:
     """Padded decode batch sizes the backend captures graphs/jits for; empty: any size."""
 
@@ -64,6 +75,9 @@ class Backend(Protocol):
 
     @classmethod
     def probe(cls) -> list[DeviceInfo]: ...
+
+    @classmethod
+    def serving_defaults(cls) -> ServingDefaults: ...
 
     def load(self, model: LoadedWeights, cfg: BackendConfig) -> None: ...
 

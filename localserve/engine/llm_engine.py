@@ -45,7 +45,7 @@ from localserve.engine.outputs import EngineStats, SeqDelta, TokenLogprob
 from localserve.engine.request import Request, RequestStatus
 from localserve.engine.sampling_params import SamplingParams
 from localserve.engine.scheduler import Scheduler, SchedulerConfig, TokenEvent
-from localserve.errors import ContextOverflowError, InvalidRequestError
+from localserve.errors import ContextOverflowError, InvalidRequestError, KVCapacityError
 from localserve.models.config import ModelConfig
 
 _RUNNING, _WAITING = RequestStatus.RUNNING, RequestStatus.WAITING
@@ -109,9 +109,15 @@ class LLMEngine:
         self.tokenizer = tokenizer
         num_blocks = cfg.num_blocks or backend.kv_capacity(cfg.block_size)
         # one sequence must always fit in the pool on its own, or it could never finish: the
-        # context is capped by the KV capacity as well as by the model
-        max_context = min(cfg.max_context or model_config.max_context, model_config.max_context,
-                          num_blocks * cfg.block_size)
+        # context is capped by the KV capacity as well as by the model; a context asked for
+        # that the pool cannot hold is an error at start-up, not a surprise later
+        pool_tokens = num_blocks * cfg.block_size
+        if cfg.max_context is not None and min(cfg.max_context, model_config.max_context) > pool_tokens:
+            raise KVCapacityError(
+                f"the KV pool holds {pool_tokens} tokens ({num_blocks} pages of {cfg.block_size}), less than one "
+                f"sequence of the context asked for ({cfg.max_context} tokens): lower the context (--ctx) or "
+                "give the KV pages more memory (--kv-memory)")
+        max_context = min(cfg.max_context or model_config.max_context, model_config.max_context, pool_tokens)
         backend.init_kv(num_blocks, cfg.block_size)
         self.eos_token_ids = eos_token_ids(model_config, tokenizer)
         self.scheduler = Scheduler(

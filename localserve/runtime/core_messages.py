@@ -41,6 +41,7 @@ class EngineInfo(msgspec.Struct, kw_only=True):
     """What the server needs to know of the loaded engine: limits, the KV pool, the device."""
 
     max_context: int
+    max_num_seqs: int
     block_size: int
     num_blocks: int
     kv_bytes_per_token: int

@@ -85,7 +85,8 @@ def engine_info(engine: LLMEngine):
     """The EngineInfo the server reports (and, with the engine in its own process, receives)."""
     from localserve.runtime.core_messages import EngineInfo
 
-    return EngineInfo(max_context=engine.max_context, block_size=engine.scheduler.kv.block_size,
+    return EngineInfo(max_context=engine.max_context, max_num_seqs=engine.cfg.max_num_seqs,
+                      block_size=engine.scheduler.kv.block_size,
                       num_blocks=engine.scheduler.kv.num_blocks, kv_bytes_per_token=_kv_bytes_per_token(engine),
                       device=_device_name(type(engine.backend)))
 

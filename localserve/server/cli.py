@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "gemma3:270m"
@@ -28,9 +29,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default=None, help="auto|cpu|cuda|rocm|mlx|tpu (default: auto)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, capped by KV memory)")
     p.add_argument("--max-running", type=int, default=None,
-                   help="sequences decoded at once (default: 32)")
+                   help="sequences decoded at once (default: the backend's recommendation, GPU 1024, CPU 32)")
     p.add_argument("--max-queued", type=int, default=None,
-                   help="sequences waiting beyond those; more get 429 + Retry-After (default: 256)")
+                   help="sequences waiting beyond those; more get 429 + Retry-After (default: 4096)")
     p.add_argument("--max-tokens-default", type=int, default=None,
                    help="tokens generated for a request that sets no max_tokens (OpenAI chat, Responses); "
                         "a looping model then stops with finish_reason 'length' (like Ollama's num_predict; "
@@ -40,7 +41,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: from MODEL)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all physical cores)")
     p.add_argument("--kv-memory", type=float, default=None,
-                   help="fraction of free memory for KV pages (default: 0.25)")
+                   help="GPU: the share of its total memory this server may hold, for weights, graphs and "
+                        "KV pages together (as vLLM's --gpu-memory-utilization; default 0.9); CPU: the share "
+                        "of free RAM the KV pages take (default 0.25)")
     p.add_argument("--weights", default=None,
                    help="auto|fp8: fp8 runs the layers' weights in e4m3 on NVIDIA GPUs with FP8 "
                         "tensor cores (default: auto, the backend's own)")
@@ -132,9 +135,11 @@ def _load(state, settings, name: str, url: str) -> None:
     info = model.info
     say(f"localserve: model {name} ({model.config.architecture}, {model.source}) on backend {model.backend_name}"
         f" ({f'engine process {model.pid}' if hasattr(model, 'process') else 'engine in the server process'})")
-    say(f"localserve: context {info.max_context} tokens; KV capacity {info.num_blocks * info.block_size} tokens "
-        f"({info.num_blocks} pages); loaded in {model.load_seconds:.1f} s")
-    state.served = ServedModel(model, [name], _limits(settings), state.metrics)
+    capped = (f" (the model's is {model.config.max_context}; the KV pool caps it: --kv-memory gives it more)"
+              if info.max_context < model.config.max_context and settings.ctx is None else "")
+    say(f"localserve: context {info.max_context} tokens{capped}; KV capacity {info.num_blocks * info.block_size} "
+        f"tokens ({info.num_blocks} pages); loaded in {model.load_seconds:.1f} s")
+    state.served = ServedModel(model, [name], _limits(settings, info.max_num_seqs), state.metrics)
     if hasattr(model, "process"):
         model.on_death = lambda why: _exit_on_engine_death(state, why)
     say(f"localserve: ready at {url}/v1")
@@ -148,12 +153,15 @@ def _start_engine(settings, name: str):
     from localserve.engine.llm_engine import EngineConfig
     from localserve.runtime.default_model import resolve_model_ref
 
-    backend_cfg = BackendConfig(num_threads=settings.threads, memory_utilization=settings.kv_memory,
-                                max_num_seqs=settings.max_running, weight_format=settings.weights,
-                                kv_dtype=settings.kv_dtype)
-    engine_cfg = EngineConfig(max_num_seqs=settings.max_running, max_context=settings.ctx)
-    own_process = settings.engine_process == "on" or (
-        settings.engine_process == "auto" and select_backend(settings.backend).name != "cpu")
+    backend_cls = select_backend(settings.backend)
+    shape = serving_shape(settings, backend_cls.serving_defaults())
+    say(f"localserve: {shape.describe()}")
+    backend_cfg = BackendConfig(num_threads=settings.threads, memory_utilization=shape.memory_utilization,
+                                max_num_seqs=shape.max_num_seqs, max_num_batched_tokens=shape.max_num_batched_tokens,
+                                weight_format=settings.weights, kv_dtype=settings.kv_dtype)
+    engine_cfg = EngineConfig(max_num_seqs=shape.max_num_seqs, max_num_batched_tokens=shape.max_num_batched_tokens,
+                              max_context=settings.ctx)
+    own_process = settings.engine_process == "on" or (settings.engine_process == "auto" and backend_cls.name != "cpu")
     if not own_process:
         from localserve.runtime.in_process import InProcessEngine
         from localserve.runtime.loader import load_model, warm_up
@@ -172,6 +180,31 @@ def _start_engine(settings, name: str):
     return client
 
 
+@dataclass(slots=True, frozen=True)
+class ServingShape:
+    """The batch shape and memory share a server runs with: each the user's setting, else the
+    backend's recommendation."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    memory_utilization: float
+    chosen: tuple[str, ...]  # the settings the user gave
+
+    def describe(self) -> str:
+        def how(name: str) -> str:
+            return "set" if name in self.chosen else "the backend's default"
+
+        return (f"up to {self.max_num_seqs} sequences at once ({how('max_running')}), {self.max_num_batched_tokens} "
+                f"tokens a step; memory share {self.memory_utilization:g} ({how('kv_memory')}, --kv-memory)")
+
+
+def serving_shape(settings, defaults) -> ServingShape:
+    chosen = tuple(k for k in ("max_running", "kv_memory") if getattr(settings, k) is not None)
+    seqs = settings.max_running or defaults.max_num_seqs
+    return ServingShape(max_num_seqs=seqs, max_num_batched_tokens=max(defaults.max_num_batched_tokens, seqs),
+                        memory_utilization=settings.kv_memory or defaults.memory_utilization, chosen=chosen)
+
+
 def _exit_on_engine_death(state, why: str) -> None:
     """The engine process is gone: /health says so, the open requests have failed, and the
     server stops with status 1 so that a supervisor (systemd, launchd) starts it again."""
@@ -188,10 +221,10 @@ def _exit_on_engine_death(state, why: str) -> None:
 _EXIT_STATUS = 0
 
 
-def _limits(settings):
+def _limits(settings, max_running: int):
     from localserve.server.served_model import Limits
 
-    return Limits(max_running=settings.max_running, max_queued=settings.max_queued,
+    return Limits(max_running=max_running, max_queued=settings.max_queued,
                   max_tokens_default=settings.max_tokens_default)
 
 

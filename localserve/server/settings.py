@@ -24,14 +24,14 @@ class ServeSettings:
     port: int = envs.PORT.default_value
     backend: str = envs.BACKEND.default_value
     ctx: int | None = envs.CTX.default_value  # None: the model's context (capped by the KV pool)
-    max_running: int = envs.MAX_RUNNING.default_value
+    max_running: int | None = envs.MAX_RUNNING.default_value  # None: the backend's recommendation
     max_queued: int = envs.MAX_QUEUED.default_value
     # max_tokens of a request that names none (0: up to the context)
     max_tokens_default: int = envs.MAX_TOKENS_DEFAULT.default_value
     api_keys: tuple[str, ...] = envs.API_KEY.default_value
     served_model_name: str | None = envs.SERVED_MODEL_NAME.default_value
     threads: int | None = envs.THREADS.default_value
-    kv_memory: float = envs.KV_MEMORY.default_value  # fraction of free memory the KV pages may take
+    kv_memory: float | None = envs.KV_MEMORY.default_value  # None: the backend's (GPU 0.9, CPU 0.25)
     weights: str = envs.WEIGHTS.default_value  # "auto" | "fp8" (NVIDIA GPUs with FP8 tensor cores)
     # "auto" (the compute dtype) | "fp8" (e4m3 pages, NVIDIA FP8 GPUs)
     kv_dtype: str = envs.KV_DTYPE.default_value

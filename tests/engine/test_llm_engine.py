@@ -127,3 +127,12 @@ def test_async_stream_and_cancel_frees_pages():
         assert not eng.has_unfinished()
     finally:
         aeng.shutdown()
+
+
+def test_a_context_the_kv_pool_cannot_hold_is_a_startup_error():
+    from localserve.errors import KVCapacityError
+
+    with pytest.raises(KVCapacityError) as e:
+        make_engine(num_blocks=10, max_context=64)  # 40 tokens of pages, 64 asked for
+    assert "holds 40 tokens (10 pages of 4)" in str(e.value) and "(64 tokens)" in str(e.value)
+    assert make_engine(num_blocks=10, max_context=40).max_context == 40

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from localserve.server.settings import ServeSettings, SettingsError, resolve_settings
@@ -83,3 +85,20 @@ def test_every_up_flag_reaches_the_settings(monkeypatch, tmp_path):
     assert (s.kv_dtype, s.weights, s.max_running, s.kv_memory) == ("fp8", "fp8", 7, 0.5)
     bad = p.parse_args(["up", "--kv-dtype", "int4"])
     assert bad.func(bad) == 2
+
+
+def test_batch_shape_and_memory_share_default_to_the_backends():
+    from localserve.engine.backend import ServingDefaults
+    from localserve.server.cli import serving_shape
+
+    gpu = ServingDefaults(max_num_seqs=1024, max_num_batched_tokens=8192, memory_utilization=0.9)
+    s = resolve_settings({}, env={}, path=Path("/nonexistent"))
+    assert s.max_running is None and s.kv_memory is None and s.max_queued == 4096
+    shape = serving_shape(s, gpu)
+    assert (shape.max_num_seqs, shape.max_num_batched_tokens, shape.memory_utilization) == (1024, 8192, 0.9)
+    assert "the backend's default" in shape.describe()
+    s = resolve_settings({"max_running": 16, "kv_memory": 0.5}, env={}, path=Path("/nonexistent"))
+    shape = serving_shape(s, gpu)
+    assert (shape.max_num_seqs, shape.memory_utilization) == (16, 0.5) and "(set)" in shape.describe()
+    s = resolve_settings({"max_running": 12000}, env={}, path=Path("/nonexistent"))
+    assert serving_shape(s, gpu).max_num_batched_tokens == 12000  # a step holds every running decode
