@@ -184,7 +184,9 @@ def test_long_row_split_over_threads_gives_the_same_bits():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-    assert float((outs[0].double() - reference(q, cache, d ** -0.5, None)).abs().max()) < 2e-6
+    # float32 over 9,000 keys: the error grows with the row's length (2.0e-6 on an AVX2 CPU,
+    # 3.3e-6 where the kernel takes another SIMD path), so the bound is the long-row one below.
+    assert float((outs[0].double() - reference(q, cache, d ** -0.5, None)).abs().max()) < 1e-5
 
 
 def make_plan(cache: Paged) -> Plan:
