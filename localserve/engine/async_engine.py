@@ -14,21 +14,53 @@ import uuid
 from typing import AsyncIterator, Sequence
 
 from localserve.engine.llm_engine import LLMEngine
-from localserve.engine.outputs import SeqDelta
+from localserve.engine.outputs import SeqDelta, coalesce
 from localserve.engine.sampling_params import SamplingParams
 from localserve.errors import EngineDeadError
 
 log = logging.getLogger(__name__)
 
 
+class RequestDeltas:
+    """One request's deltas on their way to its consumer. A consumer that falls behind the
+    engine takes what waits as one coalesced delta per choice, so under load a stream sends
+    bigger chunks instead of falling further behind (vLLM's RequestOutputCollector)."""
+
+    __slots__ = ("queue", "unfinished")
+
+    def __init__(self, num_choices: int) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.unfinished = num_choices  # choices not finished yet
+
+    def put(self, item: SeqDelta | BaseException) -> None:
+        self.queue.put_nowait(item)
+
+    async def __aiter__(self) -> AsyncIterator[SeqDelta]:
+        """The deltas until every choice finished; an error put in their place raises (the
+        engine has dropped the request by then)."""
+        while self.unfinished:
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            error = next((i for i in items if isinstance(i, BaseException)), None)
+            for d in coalesce([i for i in items if not isinstance(i, BaseException)]):
+                if d.finished:
+                    self.unfinished -= 1
+                yield d
+            if error is not None:
+                self.unfinished = 0
+                raise error
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, RequestDeltas] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the requests' consumers run
         self._wake = threading.Event()
         self._stopping = False
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="localserve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="localserve-engine", daemon=True)
         self._thread.start()
 
     async def generate(
@@ -39,28 +71,23 @@ class AsyncEngine:
     ) -> AsyncIterator[SeqDelta]:
         if self._error is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self._error!r}")
+        self._loop = self._loop or asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
+        stream = RequestDeltas(params.n)
         # register before adding: the engine thread may produce the first delta at once
-        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        self._streams[request_id] = stream
         try:
             self.engine.add_request(prompt_token_ids, params, request_id)
         except BaseException:
-            self._queues.pop(request_id, None)
+            self._streams.pop(request_id, None)
             raise
         self._wake.set()
-        remaining = params.n
         try:
-            while remaining:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    remaining -= 1
-                yield item
+            async for d in stream:
+                yield d
         finally:
-            self._queues.pop(request_id, None)
-            if remaining:
+            self._streams.pop(request_id, None)
+            if stream.unfinished:
                 self.engine.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -71,7 +98,7 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout)
 
-    def _loop(self) -> None:
+    def _run(self) -> None:
         while not self._stopping:
             if not self.engine.has_unfinished():
                 self._wake.wait(0.5)
@@ -83,13 +110,24 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
-            for d in deltas:
-                entry = self._queues.get(d.request_id)
-                if entry is not None:
-                    loop, queue = entry
-                    loop.call_soon_threadsafe(queue.put_nowait, d)
+            if deltas and self._loop is not None:
+                # one wake-up of the event loop per step, whatever the number of rows
+                self._loop.call_soon_threadsafe(self._deliver, deltas)
+
+    def _deliver(self, deltas: list[SeqDelta]) -> None:
+        """In the event loop: each delta to its request's stream."""
+        streams = self._streams
+        for d in deltas:
+            stream = streams.get(d.request_id)
+            if stream is not None:
+                stream.put(d)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for request_id, (loop, queue) in list(self._queues.items()):
+        for request_id in list(self._streams):
             self.engine.abort(request_id)
-            loop.call_soon_threadsafe(queue.put_nowait, EngineDeadError(f"engine step failed: {exc!r}"))
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_streams, EngineDeadError(f"engine step failed: {exc!r}"))
+
+    def _fail_streams(self, error: EngineDeadError) -> None:
+        for stream in list(self._streams.values()):
+            stream.put(error)

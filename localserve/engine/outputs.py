@@ -32,6 +32,24 @@ class SeqDelta:
         return self.finish_reason is not None
 
 
+def coalesce(deltas: list[SeqDelta]) -> list[SeqDelta]:
+    """Deltas of one request waiting for a consumer that fell behind, as fewer: each run of
+    deltas of one choice becomes one (its tokens, text and logprobs joined; its finish and
+    counts the last's), so a busy server sends bigger chunks rather than falling further behind."""
+    out: list[SeqDelta] = []
+    for d in deltas:
+        prev = out[-1] if out else None
+        if prev is None or prev.index != d.index or prev.finished:
+            out.append(d)
+            continue
+        out[-1] = SeqDelta(
+            request_id=d.request_id, index=d.index, token_ids=prev.token_ids + d.token_ids, text=prev.text + d.text,
+            logprobs=(prev.logprobs or []) + (d.logprobs or []) if prev.logprobs or d.logprobs else None,
+            finish_reason=d.finish_reason, stop_reason=d.stop_reason, num_prompt_tokens=d.num_prompt_tokens,
+            num_cached_tokens=d.num_cached_tokens, num_output_tokens=d.num_output_tokens)
+    return out
+
+
 @dataclass(slots=True, frozen=True)
 class EngineStats:
     """A snapshot of the engine for metrics and status endpoints."""

@@ -20,6 +20,7 @@ import threading
 import uuid
 from typing import AsyncIterator, Callable, Sequence
 
+from localserve.engine.async_engine import RequestDeltas
 from localserve.engine.outputs import EngineStats, SeqDelta
 from localserve.engine.sampling_params import SamplingParams
 from localserve.errors import EngineDeadError, EngineRequestError, ModelLoadError
@@ -48,7 +49,7 @@ class EngineCoreClient:
                                      args=(spec, f"ipc://{self._dir}/in", f"ipc://{self._dir}/out", os.getpid()))
         self.process.start()
         self.pid = self.process.pid
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, RequestDeltas] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.dead: str | None = None  # why the core is gone, once it is
@@ -70,22 +71,15 @@ class EngineCoreClient:
             raise EngineDeadError(self.dead)
         self._loop = self._loop or asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        stream = RequestDeltas(params.n)
+        self._streams[request_id] = stream
         self._send(msg.AddRequest(request_id, list(prompt_token_ids), params))
-        remaining = params.n
         try:
-            while remaining:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    remaining = 0  # the core has dropped it already
-                    raise item
-                if item.finished:
-                    remaining -= 1
-                yield item
+            async for d in stream:
+                yield d
         finally:
-            self._queues.pop(request_id, None)
-            if remaining and self.dead is None:
+            self._streams.pop(request_id, None)
+            if stream.unfinished and self.dead is None:
                 self._send(msg.Abort([request_id]))
 
     def stats(self) -> EngineStats:
@@ -149,15 +143,15 @@ class EngineCoreClient:
     def _dispatch(self, m) -> None:
         """In the event loop: each delta to its request's queue."""
         if isinstance(m, msg.StepOutput):
-            queues = self._queues
+            streams = self._streams
             for d in m.deltas:
-                queue = queues.get(d.request_id)
-                if queue is not None:
-                    queue.put_nowait(d)
+                stream = streams.get(d.request_id)
+                if stream is not None:
+                    stream.put(d)
         elif isinstance(m, msg.RequestFailed):
-            queue = self._queues.get(m.request_id)
-            if queue is not None:
-                queue.put_nowait(EngineRequestError(m.status, m.code, m.message))
+            stream = self._streams.get(m.request_id)
+            if stream is not None:
+                stream.put(EngineRequestError(m.status, m.code, m.message))
 
     def _watch(self) -> None:
         self.process.join()
@@ -171,8 +165,8 @@ class EngineCoreClient:
             self.on_death(self.dead)
 
     def _fail_all(self) -> None:
-        for queue in self._queues.values():
-            queue.put_nowait(EngineDeadError(self.dead or "the engine stopped"))
+        for stream in self._streams.values():
+            stream.put(EngineDeadError(self.dead or "the engine stopped"))
 
 
 def _load_error(what: str, message: str) -> ModelLoadError:

@@ -136,3 +136,41 @@ def test_a_context_the_kv_pool_cannot_hold_is_a_startup_error():
         make_engine(num_blocks=10, max_context=64)  # 40 tokens of pages, 64 asked for
     assert "holds 40 tokens (10 pages of 4)" in str(e.value) and "(64 tokens)" in str(e.value)
     assert make_engine(num_blocks=10, max_context=40).max_context == 40
+
+
+def test_a_consumer_that_falls_behind_gets_coalesced_deltas():
+    from localserve.engine.async_engine import RequestDeltas
+    from localserve.engine.outputs import SeqDelta, TokenLogprob
+
+    def delta(i, tok, finish=None, index=0):
+        return SeqDelta("r", index, [tok], f"<{tok}>", [TokenLogprob(tok, -1.0)], finish_reason=finish,
+                        num_prompt_tokens=5, num_cached_tokens=2, num_output_tokens=i)
+
+    async def run():
+        stream = RequestDeltas(2)
+        for d in (delta(1, 7), delta(2, 8), delta(1, 3, index=1), delta(3, 9, "stop"), delta(2, 4, "length", 1)):
+            stream.put(d)  # all of them before the consumer looks
+        return [d async for d in stream]
+
+    out = asyncio.run(run())
+    assert [(d.index, d.token_ids, d.text, d.finish_reason) for d in out] == [
+        (0, [7, 8], "<7><8>", None), (1, [3], "<3>", None), (0, [9], "<9>", "stop"), (1, [4], "<4>", "length")]
+    assert [len(d.logprobs) for d in out] == [2, 1, 1, 1] and out[0].num_output_tokens == 2
+
+
+def test_an_error_after_deltas_arrives_after_them():
+    from localserve.engine.async_engine import RequestDeltas
+    from localserve.engine.outputs import SeqDelta
+    from localserve.errors import EngineDeadError
+
+    async def run():
+        stream = RequestDeltas(1)
+        stream.put(SeqDelta("r", 0, [1], "a"))
+        stream.put(EngineDeadError("gone"))
+        got = []
+        with pytest.raises(EngineDeadError):
+            async for d in stream:
+                got.append(d.text)
+        return got, stream.unfinished
+
+    assert asyncio.run(run()) == (["a"], 0)
