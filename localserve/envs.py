@@ -177,8 +177,11 @@ ENGINE_PROCESS = Knob("LOCALSERVE_ENGINE_PROCESS", "auto|on|off", "auto", _text_
                       "the engine core in a process of its own (on) or on a thread of the server's (off); "
                       "auto: on with an accelerator, off on the CPU", setting="engine_process")
 CORS_ORIGINS = Knob("LOCALSERVE_CORS_ORIGINS", "list", "", _comma_list, _UP,
-                    "comma-separated browser origins allowed; empty: localhost origins only",
-                    setting="cors_origins")
+                    "comma-separated browser origins allowed beyond localhost pages and editor webviews "
+                    "(*: any); others get 403", setting="cors_origins")
+ALLOWED_HOSTS = Knob("LOCALSERVE_ALLOWED_HOSTS", "list", "", _comma_list, _UP,
+                     "comma-separated Host names answered beyond localhost names and addresses (*: any); "
+                     "bound to a non-loopback address without this, any Host", setting="allowed_hosts")
 MAX_BODY_MB = Knob("LOCALSERVE_MAX_BODY_MB", "int", "32", _int_or_none, _UP,
                    "the request body limit in MiB", setting="max_body_mb")
 LOG_LEVEL = Knob("LOCALSERVE_LOG_LEVEL", "str", "info", _text_or_none, _UP,

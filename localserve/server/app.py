@@ -6,20 +6,17 @@ loads and 200 once it serves; requests to /v1 before then get a 503 with Retry-A
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 from typing import Callable
 
 from litestar import Litestar, MediaType, Request, Response, get, head
 from litestar.config.cors import CORSConfig
-from litestar.connection import ASGIConnection
-from litestar.exceptions import NotAuthorizedException
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 
 from localserve import __version__
 from localserve.server import metrics as prom
+from localserve.server.access import access_guard, api_key_guard
 from localserve.server.errors import EXCEPTION_HANDLERS
 from localserve.server.anthropic_routes import ROUTES as ANTHROPIC_ROUTES
 from localserve.server.openai_routes import ROUTES as OPENAI_ROUTES
@@ -30,10 +27,6 @@ from localserve.server.request_log import request_log_middleware
 from localserve.server.state import STATE_KEY, ServerState, server_state
 
 log = logging.getLogger("localserve.server")
-
-# browsers on this machine only, unless --cors-origin says otherwise
-LOCALHOST_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
-
 
 @get("/", summary="Liveness: 200 while the server runs (the model may still be loading)", tags=["server"],
      media_type=MediaType.TEXT)
@@ -52,6 +45,8 @@ async def health(request: Request) -> Response:
     body = {"status": state.status, "model": state.served.name if state.served else state.model_ref}
     if state.load_error:
         body["error"] = state.load_error
+    if state.warnings:
+        body["warnings"] = state.warnings
     return Response(body, status_code=200 if state.status == "ready" else 503, media_type=MediaType.JSON)
 
 
@@ -60,22 +55,10 @@ async def metrics(request: Request) -> Response:
     return Response(server_state(request).metrics.render(), media_type=prom.CONTENT_TYPE)
 
 
-def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """With API keys set, every /v1 route needs `Authorization: Bearer KEY` (or `x-api-key`)."""
-    keys = connection.app.state[STATE_KEY].api_keys
-    if not keys or not connection.url.path.startswith("/v1"):
-        return
-    auth = connection.headers.get("authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else connection.headers.get("x-api-key", "")
-    if not given:
-        raise NotAuthorizedException("missing API key: send 'Authorization: Bearer <key>'")
-    if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-        raise NotAuthorizedException("invalid API key")
-
-
 def create_app(state: ServerState, *, load: Callable[[ServerState], None] | None = None,
-               cors_origins: tuple[str, ...] = (), max_body_bytes: int = 32 * 1024 * 1024) -> Litestar:
-    """`load` fills state.served (or state.load_error) and runs on a thread once the app starts."""
+               max_body_bytes: int = 32 * 1024 * 1024) -> Litestar:
+    """`load` fills state.served (or state.load_error) and runs on a thread once the app starts;
+    state.access says which hosts and browser origins it answers."""
     monitoring = Monitoring(state)  # /api/status, /api/events, store routes; load/request events
     load = monitoring.wrap_load(load)
 
@@ -87,13 +70,12 @@ def create_app(state: ServerState, *, load: Callable[[ServerState], None] | None
         if state.served is not None:
             state.served.shutdown()
 
-    cors = CORSConfig(allow_origins=list(cors_origins),
-                      allow_origin_regex=None if cors_origins else LOCALHOST_ORIGINS,
+    cors = CORSConfig(allow_origins=list(state.access.cors_origins), allow_origin_regex=state.access.cors_regex(),
                       allow_methods=["*"], allow_headers=["*"])
     return Litestar(
         route_handlers=[*OPENAI_ROUTES, *ANTHROPIC_ROUTES, *RESPONSES_ROUTES, root, root_head, health, metrics, *MONITOR_ROUTES],
         state=_app_state(state, monitoring.app_state()),
-        guards=[api_key_guard],
+        guards=[access_guard, api_key_guard],  # in this order: a foreign page gets 403, not 401
         middleware=[request_log_middleware],
         cors_config=cors,
         exception_handlers=EXCEPTION_HANDLERS,

@@ -37,7 +37,8 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                         "a looping model then stops with finish_reason 'length' (like Ollama's num_predict; "
                         "0: up to the context; default: 4096)")
     p.add_argument("--api-key", dest="api_keys", action="append", default=None,
-                   help="require this key on /v1 routes (Authorization: Bearer KEY); repeatable")
+                   help="require this key on /v1 and the store's routes (Authorization: Bearer KEY); "
+                        "repeatable")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: from MODEL)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all physical cores)")
     p.add_argument("--kv-memory", type=float, default=None,
@@ -56,7 +57,12 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                         "thread of the server process (off); auto: on with an accelerator, off on the CPU "
                         "(default: auto)")
     p.add_argument("--cors-origin", dest="cors_origins", action="append", default=None,
-                   help="allow this browser origin (default: localhost origins only); repeatable")
+                   help="allow this browser origin (scheme://host[:port], or *); pages on localhost and "
+                        "editor webviews are always allowed, others get 403; repeatable")
+    p.add_argument("--allowed-hosts", dest="allowed_hosts", action="append", default=None,
+                   help="answer requests for this Host name too (or *: any); bound to 127.0.0.1 the "
+                        "server answers only localhost names and addresses, which stops DNS-rebinding "
+                        "pages; repeatable")
     p.add_argument("--max-body-mb", type=int, default=None, help="request body limit in MiB (default: 32)")
     p.add_argument("--log-level", default=None, help="debug|info|warning|error (default: info)")
     p.set_defaults(func=run_up)
@@ -89,19 +95,23 @@ def run_up(args: argparse.Namespace) -> int:
 def serve(settings) -> int:
     import uvicorn
 
+    from localserve.server.access import AccessPolicy, is_loopback
     from localserve.server.app import create_app
     from localserve.server.monitoring import end_streams_on_exit
     from localserve.server.state import ServerState
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     name = served_name(settings.model, settings.served_model_name)
-    state = ServerState(model_ref=name, backend=settings.backend, api_keys=settings.api_keys)
+    access = AccessPolicy.for_bind(settings.host, settings.allowed_hosts, settings.cors_origins)
+    state = ServerState(model_ref=name, backend=settings.backend, api_keys=settings.api_keys, access=access)
     url = f"http://{_url_host(settings.host)}:{settings.port}"
     say(f"localserve: serving {name} at {url}/v1 (loading the model...)")
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
-        say(f"localserve: warning: listening on {settings.host} without an API key (--api-key)")
-    app = create_app(state, load=lambda st: _load(st, settings, name, url),
-                     cors_origins=settings.cors_origins, max_body_bytes=settings.max_body_mb * 1024 * 1024)
+    if not is_loopback(settings.host) and not settings.api_keys:
+        state.warnings.append(f"listening on {settings.host} without an API key: anyone who can reach this "
+                              "address can use the server and its model store (set --api-key)")
+        say(f"localserve: warning: {state.warnings[-1]}")
+    app = create_app(state, load=lambda st: _load_or_stop(st, settings, name, url),
+                     max_body_bytes=settings.max_body_mb * 1024 * 1024)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             access_log=settings.log_level.lower() == "debug", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
@@ -128,6 +138,15 @@ def _exit_cleanly_on_signals() -> None:
         signal.signal(sig, stop)
 
 
+def _load_or_stop(state, settings, name: str, url: str) -> None:
+    """A model that cannot load ends the server: the reason printed, exit status 1, within
+    moments (a server answering 503 forever would hide it from whoever started it)."""
+    try:
+        _load(state, settings, name, url)
+    except Exception as exc:
+        _stop_failed(state, f"loading {name} failed: {exc}")
+
+
 def _load(state, settings, name: str, url: str) -> None:
     from localserve.server.served_model import ServedModel
 
@@ -141,7 +160,7 @@ def _load(state, settings, name: str, url: str) -> None:
         f"tokens ({info.num_blocks} pages); loaded in {model.load_seconds:.1f} s")
     state.served = ServedModel(model, [name], _limits(settings, info.max_num_seqs), state.metrics)
     if hasattr(model, "process"):
-        model.on_death = lambda why: _exit_on_engine_death(state, why)
+        model.on_death = lambda why: _stop_failed(state, why)
     say(f"localserve: ready at {url}/v1")
 
 
@@ -205,9 +224,10 @@ def serving_shape(settings, defaults) -> ServingShape:
                         memory_utilization=settings.kv_memory or defaults.memory_utilization, chosen=chosen)
 
 
-def _exit_on_engine_death(state, why: str) -> None:
-    """The engine process is gone: /health says so, the open requests have failed, and the
-    server stops with status 1 so that a supervisor (systemd, launchd) starts it again."""
+def _stop_failed(state, why: str) -> None:
+    """The model did not load, or the engine process is gone (its open requests have failed):
+    /health says so until the server has stopped, with status 1, so that a supervisor
+    (systemd, launchd) starts it again."""
     import os
     import signal
 

@@ -21,6 +21,7 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
@@ -77,7 +78,8 @@ def on_http_error(_: Request, exc: HTTPException) -> Response:
     message = exc.detail if exc.detail and exc.detail not in ("Not Found", "Method Not Allowed") else messages.get(status, exc.detail)
     if status == 413:
         message = messages[413]
-    code = {401: "invalid_api_key", 413: "request_too_large", 503: "model_not_ready"}.get(status)
+    code = {401: "invalid_api_key", 403: "forbidden", 413: "request_too_large", 415: "unsupported_media_type",
+            503: "model_not_ready"}.get(status)
     return _respond(status, error_response_body(status, str(message), code), dict(exc.headers or {}) or None)
 
 

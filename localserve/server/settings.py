@@ -37,6 +37,7 @@ class ServeSettings:
     kv_dtype: str = envs.KV_DTYPE.default_value
     engine_process: str = envs.ENGINE_PROCESS.default_value  # "auto" | "on" | "off"
     cors_origins: tuple[str, ...] = envs.CORS_ORIGINS.default_value
+    allowed_hosts: tuple[str, ...] = envs.ALLOWED_HOSTS.default_value
     max_body_mb: int = envs.MAX_BODY_MB.default_value
     log_level: str = envs.LOG_LEVEL.default_value
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from litestar import Request
 from litestar.exceptions import HTTPException
 
+from localserve.server.access import AccessPolicy
 from localserve.server.metrics import ServerMetrics
 from localserve.server.served_model import ServedModel
 
@@ -19,6 +20,8 @@ class ServerState:
     model_ref: str
     backend: str
     api_keys: tuple[str, ...] = ()
+    access: AccessPolicy = field(default_factory=AccessPolicy)  # Host and Origin checks
+    warnings: list[str] = field(default_factory=list)  # shown by /health and at start
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     served: ServedModel | None = None
     load_error: str | None = None

@@ -16,7 +16,6 @@ needs a key, as /v1 does: these change what is on the server's disk.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import threading
 from dataclasses import dataclass, field
@@ -24,10 +23,9 @@ from math import prod
 from pathlib import Path
 
 from litestar import Request, delete, get, post
-from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, NotAuthorizedException
-from litestar.handlers.base import BaseRouteHandler
 
+from localserve.server.access import store_key_guard
 from localserve.server.events import EVENTS_KEY
 from localserve.server.jobs import Job, JobManager
 from localserve.server.state import STATE_KEY, server_state
@@ -61,18 +59,8 @@ def store_service(request: Request) -> StoreService:
     return request.app.state[STORE_API_KEY]
 
 
-def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    keys = connection.app.state[STATE_KEY].api_keys
-    if not keys:
-        return
-    auth = connection.headers.get("authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else connection.headers.get("x-api-key", "")
-    if not given or not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-        raise NotAuthorizedException("this route needs the server's API key: send 'Authorization: Bearer <key>'")
-
-
 # every store route: tagged for the OpenAPI page, behind the API key when the server has one
-STORE = {"tags": ["store"], "guards": [require_api_key]}
+STORE = {"tags": ["store"], "guards": [store_key_guard]}
 
 
 def _store_errors(fn):

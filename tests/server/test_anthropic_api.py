@@ -158,7 +158,8 @@ def test_errors_in_anthropic_shape(claude, server):
     r = httpx.post(server.url + "/v1/messages", json={"model": MODEL, "max_tokens": 4, "messages": [
         {"role": "user", "content": "word " * 40000}]}, timeout=60)
     assert re.fullmatch(r"prompt is too long: \d+ tokens > \d+ maximum", r.json()["error"]["message"]), r.text
-    r = httpx.post(server.url + "/v1/messages", content=b'{"model": "x", "messages": [', timeout=60)
+    r = httpx.post(server.url + "/v1/messages", content=b'{"model": "x", "messages": [', timeout=60,
+                   headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 

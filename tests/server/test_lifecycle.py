@@ -128,3 +128,22 @@ def test_loading_answers_503_then_graceful_shutdown(tmp_path):
         code = srv.stop(signal.SIGTERM, timeout=30)
     assert code == 0, srv.output()
     assert "Traceback" not in srv.output()
+
+
+@pytest.mark.parametrize("args,words", [(["random:tiny-llama", "--backend", "tpu"], "unknown backend 'tpu'"),
+                                        (["/nonexistent/model.gguf"], "/nonexistent/model.gguf")])
+def test_a_model_that_cannot_load_ends_the_server(tmp_path, args, words):
+    """The reason printed and exit status 1 within seconds, not a server answering 503 forever."""
+    import subprocess
+    import sys
+
+    from tests.server.conftest import free_port
+
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "localserve", "up", *args, "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert words in out and "failed" in out, out
+    assert "Traceback" not in out, out
+    assert time.monotonic() - started < 30

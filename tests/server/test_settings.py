@@ -79,10 +79,11 @@ def test_every_up_flag_reaches_the_settings(monkeypatch, tmp_path):
     p = argparse.ArgumentParser()
     cli.add_up_parser(p.add_subparsers())
     args = p.parse_args(["up", "--kv-dtype", "fp8", "--weights", "fp8", "--max-running", "7",
-                         "--kv-memory", "0.5"])
+                         "--kv-memory", "0.5", "--allowed-hosts", "box.lan", "--allowed-hosts", "nas"])
     assert args.func(args) == 0
     (s,) = seen
     assert (s.kv_dtype, s.weights, s.max_running, s.kv_memory) == ("fp8", "fp8", 7, 0.5)
+    assert s.allowed_hosts == ("box.lan", "nas")
     bad = p.parse_args(["up", "--kv-dtype", "int4"])
     assert bad.func(bad) == 2
 
