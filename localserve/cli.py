@@ -32,18 +32,22 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     d = BenchConfig()
     p = sub.add_parser(
         "bench",
-        help="measure the engine in-process, side by side with llama.cpp",
+        help="measure the engine in-process beside llama.cpp, or a running server (--serving)",
         description=(
             "Measures localserve's engine in-process and llama.cpp (llama-cpp-python) on the same GGUF "
             "with the same token ids: single-stream decode, prefill, aggregate throughput at N concurrent "
             "requests, TTFT of a ~2k-token system prompt cold vs prefix hit, TTFT of a short prompt. "
-            "Medians of --repeats after a warm-up; the engines alternate within each repeat."
+            "Medians of --repeats after a warm-up; the engines alternate within each repeat. "
+            "--serving drives a running `localserve up` over HTTP instead (vLLM's benchmark_serving.py "
+            "figures); --stream-overhead, --grammar and --grammar-budget measure one thing each."
         ),
     )
     p.add_argument("--model", default=None, help="model reference: a .gguf, an HF folder or random:NAME "
                    "(default: the embedded Gemma 3 270M GGUF)")
     p.add_argument("--backend", default=d.backend, help="localserve backend (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for both engines (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"CPU threads for both engines (default: {d.threads}; --serving --in-process: the local "
+                   "server's --threads, else the backend's)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="measured repeats per figure (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="unmeasured runs first (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="prompt text seed (default: %(default)s)")
@@ -70,7 +74,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="write every raw figure and the machine info here")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table for BENCHMARKS.md")
     p.add_argument("--from-json", metavar="PATH", help="render a saved --json result instead of measuring")
-    p.add_argument("--serving", action="store_true",
+    p.add_argument("--stream-overhead", action="store_true",
                    help="measure the server's streaming overhead instead: the same greedy stream of "
                    "--decode-tokens in-process and through `localserve up` (HTTP + SSE), alternating, "
                    "--repeats times; prints wall and CPU ms per token of each and the difference")
@@ -84,8 +88,71 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    "openai SDK, 24 JSON schemas, json_object and forced tool calls at each MAX_TOKENS (default "
                    "32,64,128,200), temperature 1.0 and 0.7, fixed seeds; counts the answers that parse and "
                    "validate")
-    p.add_argument("--url", help="--grammar-budget: a running server to ask (default: start `localserve up`)")
+    p.add_argument("--url", help="the running server to drive: --serving (default: http://127.0.0.1:8000), "
+                   "--grammar-budget (default: start `localserve up`)")
+    _add_serving_arguments(p)
     p.set_defaults(func=run_bench_command)
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of requests per second or inf, got {text!r}") from None
+    if not rate > 0:
+        raise argparse.ArgumentTypeError("the request rate must be positive (or inf)")
+    return rate
+
+
+def _procs(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 1 or auto, got {text!r}")
+    return n
+
+
+def _add_serving_arguments(p: argparse.ArgumentParser) -> None:
+    from localserve.bench.serving_config import (
+        DATASETS, ENDPOINTS, HTTP_CLIENTS, PROMPT_FORMATS, STREAMS_PER_PROC, ServingBenchConfig)
+
+    d = ServingBenchConfig()
+    g = p.add_argument_group(
+        "--serving", "drive a running `localserve up` over HTTP as vLLM's benchmark_serving.py does: streamed "
+        "requests with ignore_eos and a fixed max_tokens each, all at once or Poisson arrivals; reports "
+        "TTFT, TPOT, ITL, E2E latency, throughputs and the client's own CPU cost. --warmup N untimed requests "
+        "first, --seed for the workload, --json PATH for the result")
+    g.add_argument("--serving", action="store_true", help="run the serving benchmark against --url")
+    g.add_argument("--endpoint", choices=tuple(ENDPOINTS), default=d.endpoint,
+                   help="/v1/completions or /v1/chat/completions (default: %(default)s)")
+    g.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                   help="random: --input-len/--output-len; sharegpt-like: lognormal lengths shaped like ShareGPT's "
+                   "(mean 214 in, 198 out) (default: %(default)s)")
+    g.add_argument("--input-len", default=d.input_len, metavar="N|LO:HI",
+                   help="random dataset: prompt tokens, fixed or uniform in LO..HI (default: %(default)s)")
+    g.add_argument("--output-len", default=d.output_len, metavar="N|LO:HI",
+                   help="random dataset: max_tokens (exact, EOS ignored), fixed or uniform in LO..HI (default: %(default)s)")
+    g.add_argument("--num-prompts", type=int, default=d.num_prompts, help="requests (default: %(default)s)")
+    g.add_argument("--request-rate", type=_rate, default=d.request_rate, metavar="RATE",
+                   help="requests per second, Poisson arrivals; inf: all at once (default: inf)")
+    g.add_argument("--max-concurrency", type=int, default=None, metavar="C",
+                   help="at most C requests in flight (default: no limit)")
+    g.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=d.prompt_format,
+                   help="token-id lists or text; auto: text when the model has a tokenizer (default: %(default)s)")
+    g.add_argument("--http-client", choices=HTTP_CLIENTS, default=d.http_client,
+                   help="builtin: a lean HTTP/1.1 client, a few microseconds of CPU an event; httpx: a check on it, "
+                   "far more CPU an event (default: %(default)s)")
+    g.add_argument("--client-procs", type=_procs, default=None, metavar="K|auto",
+                   help="spread the requests over K client processes; auto: one for every "
+                   f"{STREAMS_PER_PROC} streams in flight, at most a quarter of the cores (default: auto)")
+    g.add_argument("--api-key", default=None, help="the server's API key, if it has one")
+    g.add_argument("--in-process", action="store_true",
+                   help="also drive the same workload into an LLMEngine in this process (--model, --backend, "
+                   "--threads; default: the server's model and backend) and print both, with their ratio")
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
@@ -95,6 +162,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     if args.serving:
         return _run_serving(args)
+    if args.threads is None:
+        args.threads = BenchConfig().threads
+    if args.stream_overhead:
+        return _run_stream_overhead(args)
     if args.grammar_budget:
         return _run_grammar_budget(args)
     if args.grammar:
@@ -126,12 +197,43 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def _run_serving(args: argparse.Namespace) -> int:
-    from localserve.bench.serving import run_serving_overhead
+    from localserve.bench.serving import run_serving_bench
+    from localserve.bench.serving_config import ServingBenchConfig
+    from localserve.bench.serving_report import write_json
+
+    try:
+        cfg = ServingBenchConfig(
+            url=(args.url or ServingBenchConfig().url).rstrip("/"), endpoint=args.endpoint, dataset=args.dataset,
+            input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
+            request_rate=args.request_rate, max_concurrency=args.max_concurrency, warmup=args.warmup, seed=args.seed,
+            prompt_format=args.prompt_format, http_client=args.http_client, client_procs=args.client_procs,
+            api_key=args.api_key, in_process=args.in_process, model=args.model, backend=args.backend,
+            threads=args.threads)
+    except ValueError as exc:
+        print(f"localserve bench: {exc}", file=sys.stderr)
+        return 2
+    import httpx
+
+    try:
+        result = run_serving_bench(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except httpx.HTTPError as exc:
+        print(f"localserve bench: cannot reach the server at {cfg.url}: {exc} (start it with `localserve up`)",
+              file=sys.stderr)
+        return 1
+    print(result.table())
+    if args.json:
+        write_json(result, args.json)
+        print(f"\nresult written to {args.json}", file=sys.stderr)
+    return 0 if result.http["failed"] == 0 else 1
+
+
+def _run_stream_overhead(args: argparse.Namespace) -> int:
+    from localserve.bench.stream_overhead import run_stream_overhead
 
     backend = "cpu" if args.backend == "auto" else args.backend
-    result = run_serving_overhead(args.model, backend, args.threads, tokens=args.decode_tokens,
-                                  repeats=args.repeats, warmup=args.warmup,
-                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run_stream_overhead(args.model, backend, args.threads, tokens=args.decode_tokens,
+                                 repeats=args.repeats, warmup=args.warmup,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     return _report(result, args.json)
 
 

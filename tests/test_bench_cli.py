@@ -103,8 +103,21 @@ def test_help_lists_the_options(capsys):
         main(["bench", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for opt in ("--model", "--backend", "--repeats", "--no-peer", "--threads", "--only", "--json", "--markdown"):
+    for opt in ("--model", "--backend", "--repeats", "--no-peer", "--threads", "--only", "--json", "--markdown",
+                "--serving", "--stream-overhead", "--client-procs", "--request-rate", "--in-process"):
         assert opt in out
+
+
+def test_serving_options_parse_and_refuse_nonsense():
+    parser = build_parser()
+    args = parser.parse_args(["bench", "--serving", "--request-rate", "inf", "--client-procs", "auto"])
+    assert args.serving and args.request_rate == float("inf") and args.client_procs is None
+    args = parser.parse_args(["bench", "--serving", "--request-rate", "2.5", "--client-procs", "3"])
+    assert args.request_rate == 2.5 and args.client_procs == 3
+    for bad in (["--request-rate", "0"], ["--client-procs", "0"], ["--http-client", "curl"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "--serving", *bad])
+    assert main(["bench", "--serving", "--endpoint", "chat", "--prompt-format", "ids"]) == 2
 
 
 def test_subcommands_register_through_one_function_each():
@@ -228,11 +241,11 @@ def test_a_prompt_larger_than_the_kv_pool_is_refused_not_waited_on():
         run_bench(cfg, lambda line: None)
 
 
-def test_serving_overhead_against_a_real_server(tmp_path, capsys):
-    """`bench --serving`: the same greedy stream in-process and through a `localserve up`
+def test_stream_overhead_against_a_real_server(tmp_path, capsys):
+    """`bench --stream-overhead`: the same greedy stream in-process and through a `localserve up`
     subprocess; both sides report positive wall and CPU time per token."""
     out = tmp_path / "serving.json"
-    code = main(["bench", "--serving", "--model", "random:tiny-llama", "--backend", "cpu", "--threads", "1",
+    code = main(["bench", "--stream-overhead", "--model", "random:tiny-llama", "--backend", "cpu", "--threads", "1",
                  "--decode-tokens", "48", "--repeats", "2", "--warmup", "1", "--json", str(out)])
     assert code == 0
     table = capsys.readouterr().out
