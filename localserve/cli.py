@@ -131,9 +131,16 @@ def _add_serving_arguments(p: argparse.ArgumentParser) -> None:
                    help="/v1/completions or /v1/chat/completions (default: %(default)s)")
     g.add_argument("--dataset", choices=DATASETS, default=d.dataset,
                    help="random: --input-len/--output-len; sharegpt-like: lognormal lengths shaped like ShareGPT's "
-                   "(mean 214 in, 198 out) (default: %(default)s)")
+                   "(mean 214 in, 198 out); prefix-repetition: --num-prefixes shared prefixes of --prefix-len tokens, "
+                   "each prompt one of them and --input-len tokens of its own (default: %(default)s)")
     g.add_argument("--input-len", default=d.input_len, metavar="N|LO:HI",
-                   help="random dataset: prompt tokens, fixed or uniform in LO..HI (default: %(default)s)")
+                   help="random dataset: prompt tokens, fixed or uniform in LO..HI; prefix-repetition: the tokens "
+                   "after the shared prefix (default: %(default)s)")
+    g.add_argument("--prefix-len", type=int, default=d.prefix_len, metavar="N",
+                   help="prefix-repetition dataset: tokens of each shared prefix (default: %(default)s)")
+    g.add_argument("--num-prefixes", type=int, default=d.num_prefixes, metavar="P",
+                   help="prefix-repetition dataset: the prompts spread evenly over P prefixes, in a shuffled order; "
+                   "the run reports the server's prefix-cache hit rate (default: %(default)s)")
     g.add_argument("--output-len", default=d.output_len, metavar="N|LO:HI",
                    help="random dataset: max_tokens (exact, EOS ignored), fixed or uniform in LO..HI (default: %(default)s)")
     g.add_argument("--num-prompts", type=int, default=d.num_prompts, help="requests (default: %(default)s)")
@@ -206,6 +213,7 @@ def _run_serving(args: argparse.Namespace) -> int:
             url=(args.url or ServingBenchConfig().url).rstrip("/"), endpoint=args.endpoint, dataset=args.dataset,
             input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
             request_rate=args.request_rate, max_concurrency=args.max_concurrency, warmup=args.warmup, seed=args.seed,
+            prefix_len=args.prefix_len, num_prefixes=args.num_prefixes,
             prompt_format=args.prompt_format, http_client=args.http_client, client_procs=args.client_procs,
             api_key=args.api_key, in_process=args.in_process, model=args.model, backend=args.backend,
             threads=args.threads)

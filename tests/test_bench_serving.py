@@ -317,6 +317,31 @@ def test_a_second_run_of_the_same_prompts_is_flagged_as_prefix_cached(tiny_up, t
     assert out.count("hit the server's prefix cache") == 1
 
 
+def test_prefix_repetition_prompts_share_their_groups_prefix():
+    from localserve.bench.serving_data import shared_prefixes
+
+    questions = token_prompts([8] * 12, 500, 3)
+    prompts, order = shared_prefixes(questions, 3, 32, "ids", 500, 3)
+    assert sorted(order) == list(range(12)) and order != list(range(12))  # shuffled
+    for p, i in zip(prompts, order):
+        assert len(p) == 40 and p[32:] == questions[i]
+    groups = {tuple(p[:32]) for p in prompts}
+    assert len(groups) == 3 and all(sum(tuple(p[:32]) == g for p in prompts) == 4 for g in groups)
+
+
+def test_prefix_repetition_reports_the_servers_hit_rate(tiny_up, tmp_path, capsys):
+    """4 prefixes of 64 tokens, 16 prompts: 12 of them can reuse their prefix's 4 pages."""
+    code, d = _bench(tiny_up.url, tmp_path, "--dataset", "prefix-repetition", "--num-prompts", "16",
+                     "--num-prefixes", "4", "--prefix-len", "64", "--input-len", "8", "--output-len", "2",
+                     "--warmup", "0", "--seed", "11", "--max-concurrency", "4")
+    assert code == 0
+    assert d["http"]["total_input_tokens"] == 16 * 72
+    during = d["server"]["during_run"]
+    assert during["prefix_query_tokens"] >= 16 * 64
+    assert during["prefix_hit_tokens"] >= 12 * 64 * 0.75, during  # whole pages, some prompts in flight together
+    assert "prefix cache:" in capsys.readouterr().out and "--num-prefixes 4" in d["command"]
+
+
 def test_processes_send_on_the_schedule_and_merge_in_order(tiny_up):
     arrivals = poisson_arrivals(12, 60.0, 0)
     job = _job(tiny_up.url, 12, 3, arrivals)

@@ -24,7 +24,7 @@ from localserve.bench.cpu_load import LOCAL_HOSTS, CpuLoad
 from localserve.bench.serving_client import ClientJob, run_client
 from localserve.bench.serving_config import ENDPOINTS, ServingBenchConfig, command_line, cpu_count, parse_length
 from localserve.bench.serving_data import (
-    Workload, calibration_text, poisson_arrivals, sample_lengths, text_prompts, token_prompts)
+    Workload, calibration_text, poisson_arrivals, sample_lengths, shared_prefixes, text_prompts, token_prompts)
 from localserve.bench.serving_metrics import client_figures, summarize
 from localserve.bench.serving_report import format_table, ratios
 from localserve.bench.serving_sse import request_body
@@ -131,6 +131,10 @@ def build_workload(cfg: ServingBenchConfig, fmt: str, words_per_token: float, vo
     if output_cap is not None:
         outs = [min(o, output_cap) for o in outs]
     prompts = token_prompts(ins, vocab, seed) if fmt == "ids" else text_prompts(ins, seed, words_per_token)
+    if cfg.dataset == "prefix-repetition":
+        prompts, order = shared_prefixes(prompts, min(cfg.num_prefixes, n), cfg.prefix_len, fmt, vocab, seed,
+                                         words_per_token)
+        ins, outs = [cfg.prefix_len + ins[i] for i in order], [outs[i] for i in order]
     return Workload(prompts, ins, outs, poisson_arrivals(n, cfg.request_rate, seed))
 
 

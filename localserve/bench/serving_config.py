@@ -10,7 +10,7 @@ import shlex
 from dataclasses import dataclass
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
-DATASETS = ("random", "sharegpt-like")
+DATASETS = ("random", "sharegpt-like", "prefix-repetition")
 PROMPT_FORMATS = ("auto", "ids", "text")
 HTTP_CLIENTS = ("builtin", "httpx")
 STREAMS_PER_PROC = 512  # --client-procs auto: a client process for every this many streams in flight
@@ -49,6 +49,8 @@ class ServingBenchConfig:
     num_prompts: int = 100
     request_rate: float = math.inf  # requests per second; inf: all at once
     max_concurrency: int | None = None
+    prefix_len: int = 2048  # prefix-repetition: tokens of each shared prefix
+    num_prefixes: int = 64  # prefix-repetition: prompts are spread evenly over this many prefixes
     warmup: int = 1
     seed: int = 0
     prompt_format: str = "auto"  # ids: token-id lists (completions only); text; auto: text if the model has a tokenizer
@@ -78,6 +80,8 @@ class ServingBenchConfig:
             raise ValueError("--num-prompts and --client-procs must be >= 1, --warmup >= 0")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError("--max-concurrency must be >= 1")
+        if self.dataset == "prefix-repetition" and not (self.prefix_len >= 1 and 1 <= self.num_prefixes <= self.num_prompts):
+            raise ValueError("prefix-repetition needs --prefix-len >= 1 and 1 <= --num-prefixes <= --num-prompts")
         if not self.request_rate > 0:
             raise ValueError("--request-rate must be positive or inf")
 
@@ -87,7 +91,8 @@ class ServingBenchConfig:
 
 _FLAGS = {"url": "--url", "endpoint": "--endpoint", "dataset": "--dataset", "input_len": "--input-len",
           "output_len": "--output-len", "num_prompts": "--num-prompts", "request_rate": "--request-rate",
-          "max_concurrency": "--max-concurrency", "warmup": "--warmup", "seed": "--seed",
+          "max_concurrency": "--max-concurrency", "prefix_len": "--prefix-len",
+          "num_prefixes": "--num-prefixes", "warmup": "--warmup", "seed": "--seed",
           "prompt_format": "--prompt-format", "http_client": "--http-client", "client_procs": "--client-procs",
           "model": "--model", "backend": "--backend", "threads": "--threads"}
 
@@ -98,6 +103,8 @@ def command_line(cfg: ServingBenchConfig) -> str:
     parts = ["localserve", "bench", "--serving"]
     for name, flag in _FLAGS.items():
         v = getattr(cfg, name)
+        if name in ("prefix_len", "num_prefixes") and cfg.dataset != "prefix-repetition":
+            continue
         if v != getattr(d, name) or name in ("num_prompts", "input_len", "output_len"):
             parts += [flag, "inf" if v == math.inf else f"{v:g}" if isinstance(v, float) else str(v)]
     if cfg.api_key:

@@ -11,6 +11,10 @@ Datasets:
   seed 0: 215,196 input tokens, about 198k output tokens): 214 and 198 here; the sigmas (the
   spread) are our assumption, not fitted to the file.
 
+`prefix-repetition` (vLLM's dataset of that name): num_prefixes random prefixes of prefix_len tokens,
+the prompts spread evenly over them, each its prefix and then a question of input_len tokens of its
+own, in a shuffled order (as requests of many conversations arrive): what a prefix cache is for.
+
 Prompts are token-id lists (exact lengths; the only choice for a model without a tokenizer, such as
 `random:llama-3.1-8b`) or text made of common English words (for models with a tokenizer, and
 always for the chat endpoint), scaled by a measured words-per-token ratio; the server's `usage`
@@ -60,7 +64,7 @@ def sample_lengths(dataset: str, n: int, input_len: tuple[int, int], output_len:
                    seed: int) -> tuple[list[int], list[int]]:
     """n (input, output) token lengths from the dataset's distribution."""
     rng = np.random.default_rng(seed)
-    if dataset == "random":
+    if dataset in ("random", "prefix-repetition"):  # prefix-repetition: the questions' lengths
         ins = rng.integers(input_len[0], input_len[1] + 1, n)
         outs = rng.integers(output_len[0], output_len[1] + 1, n)
         return ins.tolist(), outs.tolist()
@@ -107,6 +111,19 @@ def calibration_text(num_words: int = 400, seed: int = 7) -> str:
     """A sample of the text prompts' words, to count tokens per word on the served model."""
     rng = random.Random(seed)
     return " ".join(rng.choice(_WORDS) for _ in range(num_words))
+
+
+def shared_prefixes(prompts: list, num_prefixes: int, prefix_len: int, fmt: str, vocab_size: int, seed: int,
+                    words_per_token: float = 1.0) -> tuple[list, list[int]]:
+    """prefix-repetition: each prompt (the question) behind one of num_prefixes shared prefixes,
+    prompt i on prefix i % num_prefixes, then shuffled. Returns the prompts and their order (the
+    question each came from), so lengths can follow them."""
+    if fmt == "ids":
+        prefixes = token_prompts([prefix_len] * num_prefixes, vocab_size, seed + 4_000_037)
+    else:
+        prefixes = [p + "\n" for p in text_prompts([prefix_len] * num_prefixes, seed + 4_000_037, words_per_token)]
+    order = np.random.default_rng(seed + 5_000_011).permutation(len(prompts)).tolist()
+    return [prefixes[i % num_prefixes] + prompts[i] for i in order], order
 
 
 def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:

@@ -24,6 +24,16 @@ perf_counter = time.perf_counter
 def run_in_process(work: Workload, warmup: Workload, *, model: str | None, backend: str, threads: int | None,
                    max_num_seqs: int, max_concurrency: int | None, log=print) -> tuple[list[RequestResult], float, dict]:
     """(results, CPU seconds of this process over the timed run, what was loaded)."""
+    runs, described = run_workloads([(work, max_concurrency)], warmup, model=model, backend=backend,
+                                    threads=threads, max_num_seqs=max_num_seqs, log=log)
+    return runs[0][0], runs[0][1], described
+
+
+def run_workloads(works: list[tuple[Workload, int | None]], warmup: Workload, *, model: str | None, backend: str,
+                  threads: int | None, max_num_seqs: int, weight_format: str = "auto",
+                  log=print) -> tuple[list[tuple[list[RequestResult], float]], dict]:
+    """Each (workload, its concurrency limit) in turn on one loaded engine, the warm-up first:
+    [(results, CPU seconds)] and what was loaded. The prefix cache is emptied between them."""
     from localserve.backends import select_backend
     from localserve.bench.engine_runner import EngineRunner, greedy
     from localserve.engine.backend import BackendConfig
@@ -32,13 +42,13 @@ def run_in_process(work: Workload, warmup: Workload, *, model: str | None, backe
 
     defaults = select_backend(backend).serving_defaults()
     block = EngineConfig().block_size
-    # a pool that holds the whole workload at once (as the offline run may), at least 8k tokens
-    need = sum(math.ceil((i + o + 8) / block) for i, o in zip(work.input_lens, work.output_lens))
+    # a pool that holds the largest workload at once (as the offline run may), at least 8k tokens
+    need = max(sum(math.ceil((i + o + 8) / block) for i, o in zip(w.input_lens, w.output_lens)) for w, _ in works)
     engine_cfg = EngineConfig(max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max(defaults.max_num_batched_tokens, max_num_seqs),
                               num_blocks=max(need + 16, 8192 // block))
     backend_cfg = BackendConfig(num_threads=threads, max_num_seqs=engine_cfg.max_num_seqs,
-                                max_num_batched_tokens=engine_cfg.max_num_batched_tokens)
+                                max_num_batched_tokens=engine_cfg.max_num_batched_tokens, weight_format=weight_format)
     log(f"loading {model or 'the default model'} in-process ({backend}, {threads or 'default'} threads, "
         f"{max_num_seqs} sequences at once)")
     loaded = load_model(model, backend=backend, backend_cfg=backend_cfg, engine_cfg=engine_cfg)
@@ -59,9 +69,11 @@ def run_in_process(work: Workload, warmup: Workload, *, model: str | None, backe
             engine.add_request(p, greedy(m))
         while engine.has_unfinished():
             engine.step()
-        prompts = ids(work.prompts)
-        results = _drive(engine, prompts, work, max_concurrency, greedy)
-        return results[0], results[1], runner.describe()
+        runs = []
+        for work, max_concurrency in works:
+            engine.reset_prefix_cache()
+            runs.append(_drive(engine, ids(work.prompts), work, max_concurrency, greedy))
+        return runs, runner.describe()
     finally:
         runner.close()
 

@@ -100,7 +100,13 @@ def format_table(res) -> str:
                      "(try --client-procs)")
     during = res.server.get("during_run") or {}
     hit, query = during.get("prefix_hit_tokens", 0), during.get("prefix_query_tokens", 0)
-    if query and hit / query > 0.1:
+    if res.config.get("dataset") == "prefix-repetition":
+        n, p = len(res.requests["prompt_tokens"]), min(res.config["num_prefixes"], len(res.requests["prompt_tokens"]))
+        total = sum(t or 0 for t in res.requests["prompt_tokens"]) or 1
+        ideal = (n - p) * res.config["prefix_len"] / total
+        lines.append(f"prefix cache: {hit:,} of {query:,} prompt tokens hit ({hit / max(1, query):.1%}; "
+                     f"the shared prefixes allow {ideal:.1%})")
+    elif query and hit / query > 0.1:
         lines.append(f"note: {hit / query:.0%} of the prompt tokens hit the server's prefix cache (these prompts ran "
                      "on it before: another --seed, or a fresh server, measures cold prefill)")
     if during.get("preemptions"):
