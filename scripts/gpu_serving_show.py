@@ -180,8 +180,10 @@ def main() -> None:
         (out / f"inproc-{args.weights}.json").write_text(json.dumps(in_process(out, args.weights, names), indent=1))
         return
     t0 = time.perf_counter()
-    sub = subprocess.run([sys.executable, __file__, "--out", str(out), "--weights", args.weights, "--parts",
-                          args.parts, "--phase", "inproc"] + (["--cpu"] if args.cpu else []), timeout=420)
+    with open(out / f"inproc-{args.weights}.log", "w") as log:
+        sub = subprocess.run([sys.executable, __file__, "--out", str(out), "--weights", args.weights, "--parts",
+                              args.parts, "--phase", "inproc"] + (["--cpu"] if args.cpu else []), timeout=420,
+                             stdout=log, stderr=subprocess.STDOUT)
     inproc_file = out / f"inproc-{args.weights}.json"
     inproc = json.loads(inproc_file.read_text()) if inproc_file.exists() else {"error": f"exit {sub.returncode}"}
     print(f"in-process phase: {time.perf_counter() - t0:.0f} s", flush=True)

@@ -12,7 +12,6 @@ Loads torch and the model in this process: on a GPU, the running server must lea
 
 from __future__ import annotations
 
-import math
 import time
 
 from localserve.bench.serving_data import Workload
@@ -41,14 +40,12 @@ def run_workloads(works: list[tuple[Workload, int | None]], warmup: Workload, *,
     from localserve.runtime.loader import load_model, warm_up
 
     defaults = select_backend(backend).serving_defaults()
-    block = EngineConfig().block_size
-    # a pool that holds the largest workload at once (as the offline run may), at least 8k tokens
-    need = max(sum(math.ceil((i + o + 8) / block) for i, o in zip(w.input_lens, w.output_lens)) for w, _ in works)
+    # the server's shape: its batch and its memory share for the KV pool
     engine_cfg = EngineConfig(max_num_seqs=max_num_seqs,
-                              max_num_batched_tokens=max(defaults.max_num_batched_tokens, max_num_seqs),
-                              num_blocks=max(need + 16, 8192 // block))
+                              max_num_batched_tokens=max(defaults.max_num_batched_tokens, max_num_seqs))
     backend_cfg = BackendConfig(num_threads=threads, max_num_seqs=engine_cfg.max_num_seqs,
-                                max_num_batched_tokens=engine_cfg.max_num_batched_tokens, weight_format=weight_format)
+                                max_num_batched_tokens=engine_cfg.max_num_batched_tokens, weight_format=weight_format,
+                                memory_utilization=defaults.memory_utilization)
     log(f"loading {model or 'the default model'} in-process ({backend}, {threads or 'default'} threads, "
         f"{max_num_seqs} sequences at once)")
     loaded = load_model(model, backend=backend, backend_cfg=backend_cfg, engine_cfg=engine_cfg)
