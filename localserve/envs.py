@@ -208,7 +208,7 @@ Q8_KERNEL = Knob("LOCALSERVE_Q8_KERNEL", "0|1", "1", _on_unless_0, _CPU,
 ATTENTION_KERNEL = Knob("LOCALSERVE_ATTENTION_KERNEL", "0|1", "1", _on_unless_0, _CPU,
                         "0: paged attention in torch, not the compiled kernel")
 
-# -- the CUDA backend (GPU_NOTES.md has the measurements behind each default) ----------------
+# -- the CUDA backend (benchmarks/GPU_NOTES.md has the measurements behind each default) ----------------
 _CUDA = "cuda backend"
 ATTENTION = Knob("LOCALSERVE_ATTENTION", "flashinfer|triton|torch", None, _text_or_none, _CUDA,
                  "start the attention order (flashinfer, triton, torch) here; unset: from the "

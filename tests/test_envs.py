@@ -15,7 +15,7 @@ from localserve import envs
 from localserve.envs import KNOBS, EnvError
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE_DIRS = ("localserve", "backends", "tui")  # what ships (scripts/ and tests/ do not)
+SOURCE_DIRS = ("localserve", "backends", "tui")  # what ships (benchmarks/scripts/ and tests/ do not)
 # localserve/server/settings.py reads the `localserve up` variables too, from the mapping it is
 # given and by the names in envs.UP_SETTINGS: no literal there, nothing more to allow
 ALLOWED = {REPO / "localserve" / "envs.py"}

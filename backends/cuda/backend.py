@@ -12,7 +12,7 @@ Sampling runs on the device (torch_common.sampling): only the sampled ids reach 
 Every per-step host-to-device input goes through pinned, double-buffered staging (staging.py;
 LOCALSERVE_PINNED=0 turns it off for A/B runs), so preparing step N+1 never waits for step N.
 `step_events`, when a list, collects (start, end) CUDA events of each step's device work
-(scripts/gpu_harness.py's idle share).
+(benchmarks/scripts/gpu_harness.py's idle share).
 
 Memory: `BackendConfig.memory_utilization` is the fraction of the GPU's total memory this
 process may hold (vLLM's --gpu-memory-utilization): the KV pages get what is left of it after

@@ -5,7 +5,7 @@ On a GPU, what decides throughput once the host is hidden (overlap scheduling, p
 is how the work is batched: how many sequences decode together and how many prompt tokens a
 mixed step may carry. `recommend_batch_shape` is what the loader and the benchmarks apply when
 the user gave no value; it never overrides an explicit one. Measured on the H100 with
-llama-3.1-8b (GPU_NOTES.md "Batch shape", BENCHMARKS.md "### Batch shape").
+llama-3.1-8b (benchmarks/GPU_NOTES.md "Batch shape", BENCHMARKS.md "### Batch shape").
 
 Invariant: max_num_seqs never exceeds what the KV pool can hold at `min_tokens_per_seq` tokens
 a sequence (more running sequences than that only preempt), nor MAX_NUM_SEQS. Decode graphs

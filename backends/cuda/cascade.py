@@ -162,7 +162,7 @@ class CascadePolicy:
     graph fits reads every row's pages); "1" also runs such steps eager; "force" cascades
     whenever any prefix is shared; "0" never. LOCALSERVE_CASCADE_MIN_GB sets the threshold.
     An eager cascaded step costs the host ~17-26 ms of launches for llama-8b
-    (GPU_NOTES.md, "Shared prefix"), a graph replay does not."""
+    (benchmarks/GPU_NOTES.md, "Shared prefix"), a graph replay does not."""
 
     def __init__(self, kv_bytes_per_token: int, min_saved_bytes: int | None = None) -> None:
         flag = envs.CASCADE.get()

@@ -4,7 +4,7 @@ On the same small random weights: identical greedy tokens to CPUBackend (dense f
 same tokens batched as alone; a prefix-cache hit gives the cold run's tokens; and, for low
 precision, last-row logits within a relative tolerance of the float32 reference. Used by
 tests/backends/test_cuda_backend.py (on the CPU under Triton's interpreter, and on a GPU) and
-by scripts/gpu_bench.py on the device machine.
+by benchmarks/scripts/gpu_bench.py on the device machine.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ host tensors (the longest query, the longest KV), and so does the tensor-core
 `BatchDecodeWithPagedKVCacheWrapper.plan` (the longest KV): the builtin walks the tensor row by
 row, making a 0-d tensor and a tensor comparison per row. With two wrappers (full and sliding
 window) that is four walks over the batch per prefill or mixed step, about 0.3 ms of host time
-at 32 rows on the H100's host (cProfile, GPU_NOTES.md "Ramp-up gaps"), while the GPU waits. Its
+at 32 rows on the H100's host (cProfile, benchmarks/GPU_NOTES.md "Ramp-up gaps"), while the GPU waits. Its
 modules get a `max` that reduces a non-empty 1-D tensor in one call (the same value; `.item()`
 follows) and is the builtin for everything else. The plan's own arguments and results are
 unchanged.

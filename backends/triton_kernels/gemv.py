@@ -5,7 +5,7 @@ bytes / bandwidth plus a ramp per kernel. cuBLAS's kernels for M = 1 read llama-
 weights at ~2.57 TB/s over a whole step on the H100 (2.05 TB/s on the 4096 x 4096 o_proj).
 This kernel gives each program BLOCK_N whole weight rows (all of K, BLOCK_K at a time, loaded
 once and evicted first) and the M <= 2 input rows from L2: 2.86 TB/s over the step, and faster
-than cuBLAS on every llama shape at M = 1 and 2 (`scripts/gemv_bench.py`; GPU_NOTES.md,
+than cuBLAS on every llama shape at M = 1 and 2 (`benchmarks/scripts/gemv_bench.py`; benchmarks/GPU_NOTES.md,
 "GEMV"). From M = 4 cuBLAS's tensor-core kernels win, so the model only routes M <= MAX_M here.
 
 The sums are float32; the output is rounded to the weight's dtype, or written in float32

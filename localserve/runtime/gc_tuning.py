@@ -5,7 +5,7 @@ eager forward's tensors and wrappers). With CPython's default thresholds (700 al
 young collection) the collector runs several times a step, and its older generations walk
 every object the process holds: the model's modules, the tokenizer's tables, every request.
 On the H100 that cost 9 ms of host time per step in a 512-row shared-prefix decode
-(GPU_NOTES.md, "Python's GC"): with the GPU waiting on the host, 18% of the throughput.
+(benchmarks/GPU_NOTES.md, "Python's GC"): with the GPU waiting on the host, 18% of the throughput.
 
 `tune_gc()` does what vLLM's engine core does after start-up: one full collection, then
 `gc.freeze()` moves everything alive (weights' Python objects, tokenizer, config) into the

@@ -159,7 +159,7 @@ def test_fallback_when_an_attention_fails(monkeypatch):
     assert any("kernel failed to compile" in f for f in be.fallbacks)
 
 
-# -- on a GPU (run by scripts/gpu_bench.py on the device machine) ----------------------
+# -- on a GPU (run by benchmarks/scripts/gpu_bench.py on the device machine) ----------------------
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 

@@ -1,7 +1,7 @@
 """Shared-prefix (cascade) decode: the host half that splits each row's pages between the
 shared level and its own level (backends/cuda/cascade.py), checked on numpy. The FlashInfer
 half runs on the GPU: the backend checks it against plain decode at load, and
-scripts/cascade_bench.py measures it."""
+benchmarks/scripts/cascade_bench.py measures it."""
 
 import numpy as np
 import pytest

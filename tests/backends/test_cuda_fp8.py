@@ -1,6 +1,6 @@
 """FP8 weights (backends/cuda/fp8.py): the row-wise scaling of weights and activations around
 torch._scaled_mm, checked on the CPU (torch runs _scaled_mm there too); the H100 run is in
-scripts/gpu_bench.py --fp8 (BENCHMARKS.md)."""
+benchmarks/scripts/gpu_bench.py --fp8 (BENCHMARKS.md)."""
 
 import numpy as np
 import pytest

@@ -1,7 +1,7 @@
 """The decode graphs' FlashInfer page buffers (backends/cuda/flashinfer_graphs.py), host half:
 what lands in the device buffers each step, and when a step re-plans. FlashInfer's wrappers
 need a GPU, so a recorder stands in for `att._plan_decode` here; the GPU half (tokens with the
-memo and with fixed plans equal re-planning every step) is scripts/host_profile.py's
+memo and with fixed plans equal re-planning every step) is benchmarks/scripts/host_profile.py's
 memo_check on the device."""
 
 from __future__ import annotations

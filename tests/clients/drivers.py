@@ -1,7 +1,7 @@
 """Drive the real coding-agent CLIs non-interactively against a server, two turns each, through a
 CapturingProxy, with the settings the README gives. Each client runs with its HOME and config dir
 in a private folder, so a developer's own ~/.claude, ~/.codex or ~/.aider is never read or
-written. Shared by tests/clients and scripts/agent_clients.py."""
+written. Shared by tests/clients and benchmarks/scripts/agent_clients.py."""
 
 from __future__ import annotations
 

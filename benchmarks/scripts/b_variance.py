@@ -3,9 +3,9 @@ one llama-3.1-8b backend and engine, per weight format, each with the GPU idle s
 host's parts per step and the longest engine steps (a stall of a JIT compile or of a library's
 first call for a shape shows as one step of hundreds of ms). One device call.
 
-    python3 scripts/b_variance.py --out $OUT --budget 300 [--formats fp8,auto] [--seqs 1024]
+    python3 benchmarks/scripts/b_variance.py --out $OUT --budget 300 [--formats fp8,auto] [--seqs 1024]
         [--profile]   # then one more run under torch's profiler: device ms per kernel class
-    python3 scripts/b_variance.py --out /tmp/x --cpu     # dry run here, tiny model
+    python3 benchmarks/scripts/b_variance.py --out /tmp/x --cpu     # dry run here, tiny model
 """
 
 from __future__ import annotations

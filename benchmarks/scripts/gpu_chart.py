@@ -1,7 +1,7 @@
-"""The chart of a scripts/gpu_bench.py result (needs matplotlib; drawn here, not on the device):
+"""The chart of a benchmarks/scripts/gpu_bench.py result (needs matplotlib; drawn here, not on the device):
 
-    python3 scripts/gpu_chart.py bench_results/gpu-2026-11-23-h100.json bench_results/gpu-2026-11-23-h100.png
-    python3 scripts/gpu_bench.py --chart JSON PNG        # the same
+    python3 benchmarks/scripts/gpu_chart.py benchmarks/results/gpu-2026-11-23-h100.json benchmarks/results/gpu-2026-11-23-h100.png
+    python3 benchmarks/scripts/gpu_bench.py --chart JSON PNG        # the same
 """
 
 from __future__ import annotations

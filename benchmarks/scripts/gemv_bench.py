@@ -8,8 +8,8 @@
   gate|up, act*mul, down; the final norm and the output layer) in one graph: cuBLAS, the GEMV
   with its default configs, the GEMV with the sweep's best per shape
 
-    python3 scripts/gemv_bench.py --out $OUT --budget 400 [--quick]
-    python3 scripts/gemv_bench.py --out /tmp/x --cpu     # dry run here (interpreter, tiny)
+    python3 benchmarks/scripts/gemv_bench.py --out $OUT --budget 400 [--quick]
+    python3 benchmarks/scripts/gemv_bench.py --out /tmp/x --cpu     # dry run here (interpreter, tiny)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Show e for scripts/gpu_bench.py: the share of each step the GPU sits idle, gemma-3-270m at
+"""Show e for benchmarks/scripts/gpu_bench.py: the share of each step the GPU sits idle, gemma-3-270m at
 batch 1 and 64, with and without CUDA graphs and overlap scheduling (a mixin of its Show; the
 runs and timelines come from gpu_harness.Bench)."""
 

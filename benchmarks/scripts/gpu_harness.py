@@ -1,7 +1,7 @@
 """The GPU scripts' harness: `Bench` keeps the time budget and the results JSON, builds
 backends and engines on `random:` presets, and has the measuring blocks every script shares
 (batch runs, streams, host breakdown, GPU idle share, graph replay timing), the environment
-report, conformance and the saved JIT caches. scripts/gpu_bench.py (Show a-f),
+report, conformance and the saved JIT caches. benchmarks/scripts/gpu_bench.py (Show a-f),
 overlap_bench.py and cascade_bench.py build on it.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 

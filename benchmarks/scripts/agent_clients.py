@@ -3,7 +3,7 @@ client's two-turn drive from tests/clients (same installs, proxy, settings), the
 for BENCHMARKS.md: requests per turn, prompt tokens per turn, turn 2's share served from the
 prefix cache (the server's /metrics), and TTFT cold (turn 1) and warm (turn 2) at the proxy.
 
-    .venv/bin/python scripts/agent_clients.py [--clients claude-code,codex,aider] [--keep DIR]
+    .venv/bin/python benchmarks/scripts/agent_clients.py [--clients claude-code,codex,aider] [--keep DIR]
         [--home DIR]   # LOCALSERVE_HOME (default: a fresh temporary one)
         [--url URL]    # a server that is already up instead of a fresh one
 """
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.clients.drivers import CLIENTS, SERVER_ARGS, drive, figures, markdown_table  # noqa: E402
 from tests.clients.install import ensure_installed  # noqa: E402
 from tests.clients.proxy import CapturingProxy  # noqa: E402

@@ -1,7 +1,7 @@
 """Issue 4 on the GPU machine in one call: conformance, then the benchmarks of Show a-f.
 
-    python3 scripts/gpu_bench.py --out $OUT --budget 560            # on the device
-    python3 scripts/gpu_bench.py --out /tmp/x --cpu                   # dry run here, tiny models
+    python3 benchmarks/scripts/gpu_bench.py --out $OUT --budget 560            # on the device
+    python3 benchmarks/scripts/gpu_bench.py --out /tmp/x --cpu                   # dry run here, tiny models
 
 Each section checks the time left against its estimate and is skipped (and said so) when it
 would not fit; results go to OUT/gpu_bench.json after every section, so a run killed at its
@@ -363,7 +363,7 @@ def main() -> None:
                     help="draw the chart of a result JSON (needs matplotlib) and exit")
     args = ap.parse_args()
     if args.chart:
-        from gpu_chart import chart  # scripts/ is on sys.path when run as a script
+        from gpu_chart import chart  # benchmarks/scripts/ is on sys.path when run as a script
 
         chart(*args.chart)
         return

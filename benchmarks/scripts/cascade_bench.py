@@ -3,8 +3,8 @@ a 2,048-token shared system prompt, 128-token questions, 256 output tokens) with
 cache on and cascade on / off alternating over one backend, then the prefix cache off; the
 greedy tokens of cascade on vs off side by side; whether the load-time check kept cascade.
 
-    python3 scripts/cascade_bench.py --out $OUT --budget 540
-    python3 scripts/cascade_bench.py --out /tmp/x --cpu      # dry run here (no FlashInfer:
+    python3 benchmarks/scripts/cascade_bench.py --out $OUT --budget 540
+    python3 benchmarks/scripts/cascade_bench.py --out /tmp/x --cpu      # dry run here (no FlashInfer:
                                                             # cascade stays off, tiny models)
 """
 

@@ -1,7 +1,7 @@
 """Overlap scheduling on the GPU, one device call: conformance with overlap on, then Show a
 (bs1 decode), b (1,000 prompts) and e (gemma idle share), each with overlap off and on over the
 same backend and engine (EngineConfig.async_scheduling; the engine's flag is switched between
-runs while nothing is in flight). Reuses scripts/gpu_harness.py's building blocks.
+runs while nothing is in flight). Reuses benchmarks/scripts/gpu_harness.py's building blocks.
 
 `--ab pinned`: overlap stays on, and "off" / "on" become the backend's pinned input staging off
 (pageable copies, FlashInfer's synchronous page-index copy: the behaviour before staging.py) /
@@ -14,9 +14,9 @@ alternating A B C C B A over one backend captured up to 1,024 (engines over the 
 each step's device time and shape (decode rows, prompt tokens) are recorded (mixed vs
 decode-only cost); decode-graph replays at bs 512 / 768 / 1,024; a (bs1) once.
 
-    python3 scripts/overlap_bench.py --out $OUT --budget 500 [--ab pinned]
-    python3 scripts/overlap_bench.py --out /tmp/x --cpu        # dry run here, tiny models
-    python3 scripts/overlap_bench.py --simulate                # b's step shapes, no device
+    python3 benchmarks/scripts/overlap_bench.py --out $OUT --budget 500 [--ab pinned]
+    python3 benchmarks/scripts/overlap_bench.py --out /tmp/x --cpu        # dry run here, tiny models
+    python3 benchmarks/scripts/overlap_bench.py --simulate                # b's step shapes, no device
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ def shape_ab(b: Bench) -> dict:
 def simulate_shapes(shapes=((512, 8192), (512, 16384), (768, 8192), (1024, 2048),
                              (1024, 4096), (1024, 8192), (1024, 16384)), num_blocks: int = 26635):
     """Show b's steps through the real scheduler over a no-op backend (CPU, ~2 s a shape) and
-    the cost model GPU_NOTES.md "Batch shape" predicted with: ms per step = max(5.4, 22.9 us x
+    the cost model benchmarks/GPU_NOTES.md "Batch shape" predicted with: ms per step = max(5.4, 22.9 us x
     tokens) [GEMMs: weight read or 700 TFLOP/s] + 45 ns x KV tokens read by decode rows + 0.5
     (graph step) or 1.5 (eager mixed step)."""
     from sched_microbench import NoOpBackend

@@ -2,15 +2,15 @@
 (or `--weights fp8`), driven over HTTP by `localserve bench --serving`, with the in-process engine
 on the very same token ids in the same call beside each figure.
 
-    python3 scripts/gpu_serving_show.py --out $OUT                      # bf16: a, b, d, f
-    python3 scripts/gpu_serving_show.py --out $OUT --weights fp8 --parts b
+    python3 benchmarks/scripts/gpu_serving_show.py --out $OUT                      # bf16: a, b, d, f
+    python3 benchmarks/scripts/gpu_serving_show.py --out $OUT --weights fp8 --parts b
 
 The in-process engine runs first, in a process of its own (so the GPU is free again for the
 server): one load, a warm-up workload, then each part. Then the server starts (time to ready
 measured), the same warm-up goes through HTTP, and each part runs as the `localserve bench
 --serving` command printed beside it. Parts: a = batch-1 stream (128 in, 512 out, 3 requests one
 at a time); b = 1,000 prompts all at once, in 4-400 / out 4-358 uniform (seed 0: the lengths
-of scripts/gpu_bench.py's Show b); d = 1,024 prompts over 64 shared 2,048-token prefixes + 128
+of benchmarks/scripts/gpu_bench.py's Show b); d = 1,024 prompts over 64 shared 2,048-token prefixes + 128
 own tokens, 256 out, all at once (the server's prefix-cache hit rate); f = 64 Poisson arrivals
 at 4, 8 and 16 requests/s with b's lengths. Results: OUT/serving_show.json, a markdown table.
 """

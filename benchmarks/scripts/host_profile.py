@@ -6,8 +6,8 @@ host by ~2x); the profile says which functions to cut. First, `memo_check`: gree
 the FlashInfer plan memo (flashinfer_attention.fill_graph_metadata) on vs re-planning every
 step must be identical; e's figures are taken with the memo on and off, alternating.
 
-    python3 scripts/host_profile.py --out $OUT --budget 200
-    python3 scripts/host_profile.py --out /tmp/x --cpu     # dry run here, tiny model
+    python3 benchmarks/scripts/host_profile.py --out $OUT --budget 200
+    python3 benchmarks/scripts/host_profile.py --out /tmp/x --cpu     # dry run here, tiny model
 """
 
 from __future__ import annotations

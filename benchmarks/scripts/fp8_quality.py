@@ -11,7 +11,7 @@ an FP8 KV cache (`--kv-dtype fp8`): every K and V rounded to e4m3 as the fused K
 it (saturating, scale 1) before attention reads it. Per position against float32:
 top-1 agreement, KL(fp32 || x) mean and p99; and each variant's perplexity of the text.
 
-    python3 scripts/fp8_quality.py --out bench_results/fp8-quality
+    python3 benchmarks/scripts/fp8_quality.py --out benchmarks/results/fp8-quality
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "scripts"))
 import gpu_harness  # noqa: E402,F401  (maps localserve.backends without an editable install)
 
 TEXT = """The history of computing is a story of abstractions. Early machines were programmed by

@@ -2,7 +2,7 @@
 a no-op backend (it returns token 1 for every row at once), so every microsecond measured is the
 scheduler's or the engine's. Reports mean ms per step of schedule, update and the whole step.
 
-    python3 scripts/sched_microbench.py [--seqs 512] [--steps 200] [--async-scheduling 0|1]
+    python3 benchmarks/scripts/sched_microbench.py [--seqs 512] [--steps 200] [--async-scheduling 0|1]
 """
 
 from __future__ import annotations
