@@ -203,6 +203,9 @@ EARLY_SUBMIT = Knob("LOCALSERVE_EARLY_SUBMIT", "0|1", "1", _on_unless_0, _ENGINE
 
 # -- the CPU backend -------------------------------------------------------------------------
 _CPU = "cpu backend"
+PREPARED_CACHE = Knob("LOCALSERVE_PREPARED_CACHE", "0|1", "1", _on_unless_0, _CPU,
+                      "0: quantize a GGUF's layers at every start instead of keeping their Q8 codes "
+                      "under cache/prepared/ after the first")
 Q8_KERNEL = Knob("LOCALSERVE_Q8_KERNEL", "0|1", "1", _on_unless_0, _CPU,
                  "0: Q8_0 matmuls in torch, not the compiled kernel")
 ATTENTION_KERNEL = Knob("LOCALSERVE_ATTENTION_KERNEL", "0|1", "1", _on_unless_0, _CPU,

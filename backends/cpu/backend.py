@@ -26,6 +26,7 @@ from localserve.models.weights import LoadedWeights
 
 from .compiled import CompiledDecode
 from .host import available_ram_bytes, physical_cores, total_ram_bytes
+from .prepared import PreparedCodes
 
 # "auto" weight format: every linear as GGML Q8_0 (int8 codes, a scale per 32 inputs) run by
 # the compiled kernel in localserve.backends.cpu.kernels: block layers with int16-quantized
@@ -72,7 +73,10 @@ class CPUBackend:
             raise ModelLoadError(model.source, "an fp8 KV cache needs an NVIDIA GPU with FP8 "
                                  "(the cuda backend); use --kv-dtype auto on the CPU")
         fmt_name = AUTO_WEIGHT_FORMAT if cfg.weight_format == "auto" else cfg.weight_format
-        weights = build_torch_weights(model, WeightFormat.parse(fmt_name), dtype)
+        prepared = PreparedCodes.for_model(model.source, fmt_name)
+        weights = build_torch_weights(model, WeightFormat.parse(fmt_name), dtype, prepared)
+        if prepared is not None:
+            prepared.save()
         mc = model.config
         attention = TorchPagedAttention(
             mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.scale,

@@ -217,11 +217,28 @@ class Q8KernelLinear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels,
                  act_bits: int = 16, group_size: int = 32) -> None:
+        self._hold(*self.quantize(weight, group_size), bias, kernels, act_bits)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes [N, K], float32 scales [N, K / group_size]) of a float weight."""
         n, k = weight.shape
         wg = weight.float().reshape(n, k // group_size, group_size)
         # from a Q8_0 source, amax = 127 * d exactly, so this reproduces the file's codes
         d = (wg.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)  # [N, G]
         q = torch.round(wg / d[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k)
+        return q, d.float()
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None, kernels,
+                   act_bits: int = 16) -> "Q8KernelLinear":
+        """The layer from codes and scales quantize() gave before (a prepared-weights cache)."""
+        layer = cls.__new__(cls)
+        layer._hold(q, d, bias, kernels, act_bits)
+        return layer
+
+    def _hold(self, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None, kernels, act_bits: int) -> None:
+        n, k = q.shape
         self.n, self.k = n, k
         self.bias = bias
         self.kernels = kernels

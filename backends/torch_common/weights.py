@@ -22,6 +22,7 @@ from .layers import (
     Linear,
     Q8KernelLinear,
     make_linear,
+    q8_kernel,
 )
 
 
@@ -98,7 +99,9 @@ class TorchWeights:
 
 
 def build_torch_weights(weights: LoadedWeights, fmt: WeightFormat,
-                        dtype: torch.dtype) -> TorchWeights:
+                        dtype: torch.dtype, prepared=None) -> TorchWeights:
+    """`prepared`: a store of Q8 codes by layer (backends/cpu/prepared.py): a layer found there is
+    built from its codes without dequantizing the file's tensor; one that is not is put there."""
     cfg = weights.config
 
     def dense(name: str) -> torch.Tensor:
@@ -113,31 +116,31 @@ def build_torch_weights(weights: LoadedWeights, fmt: WeightFormat,
     def norm(name: str) -> torch.Tensor:
         return dense(name).to(dtype)
 
-    def fused(names: list[str], with_bias: bool) -> Linear:
-        ws = [dense(n + ".weight") for n in names]
+    def linear(names: list[str], with_bias: bool, layer_fmt: str, row_lookup: bool = False) -> Linear:
         bias = None
         if with_bias:  # qwen2 has q/k/v biases; a missing one is zeros
             parts = [opt(n + ".bias") for n in names]
-            bias = torch.cat([b if b is not None else torch.zeros(w.shape[0]) for b, w in zip(parts, ws)])
-        return make_linear(torch.cat(ws, dim=0), bias, fmt.layers, dtype)
+            bias = torch.cat([b if b is not None else torch.zeros(dense(n + ".weight").shape[0])
+                              for b, n in zip(parts, names)]).to(dtype)
+        return _linear_from(prepared, "+".join(names), lambda: torch.cat([dense(n + ".weight") for n in names]),
+                            bias, layer_fmt, dtype, row_lookup)
 
     layers = []
     for i in range(cfg.num_layers):
         p = f"blk.{i}."
         layers.append(LayerWeights(
             attn_norm=norm(p + "attn_norm.weight"),
-            qkv=fused([p + "attn_q", p + "attn_k", p + "attn_v"], cfg.qkv_bias),
+            qkv=linear([p + "attn_q", p + "attn_k", p + "attn_v"], cfg.qkv_bias, fmt.layers),
             q_norm=norm(p + "attn_q_norm.weight") if cfg.qk_norm else None,
             k_norm=norm(p + "attn_k_norm.weight") if cfg.qk_norm else None,
-            o_proj=make_linear(dense(p + "attn_output.weight"), None, fmt.layers, dtype),
+            o_proj=linear([p + "attn_output"], False, fmt.layers),
             post_attn_norm=norm(p + "post_attention_norm.weight") if cfg.post_norms else None,
             ffn_norm=norm(p + "ffn_norm.weight"),
-            gate_up=fused([p + "ffn_gate", p + "ffn_up"], False),
-            down=make_linear(dense(p + "ffn_down.weight"), None, fmt.layers, dtype),
+            gate_up=linear([p + "ffn_gate", p + "ffn_up"], False, fmt.layers),
+            down=linear([p + "ffn_down"], False, fmt.layers),
             post_ffw_norm=norm(p + "post_ffw_norm.weight") if cfg.post_norms else None,
         ))
-    embed_w = dense("token_embd.weight")
-    lm_head, embed_table = _head_and_table(cfg, weights, embed_w, fmt.lm_head, dtype, dense)
+    lm_head, embed_table = _head_and_table(cfg, weights, fmt.lm_head, dtype, dense, prepared)
     return TorchWeights(
         embed=Embedding(embed_table, dtype, cfg.embedding_scale),
         layers=layers,
@@ -146,15 +149,33 @@ def build_torch_weights(weights: LoadedWeights, fmt: WeightFormat,
     )
 
 
-def _head_and_table(cfg: ModelConfig, weights: LoadedWeights, embed_w: torch.Tensor,
-                    head_fmt: str, dtype: torch.dtype, dense) -> tuple[Linear, Embedding.Table]:
+def _linear_from(prepared, key: str, weight, bias: torch.Tensor | None, layer_fmt: str, dtype: torch.dtype,
+                 row_lookup: bool = False) -> Linear:
+    """make_linear(weight(), ...), through `prepared` for the compiled Q8 kernel's formats:
+    weight() (the file's tensor, dequantized) is only read when its codes are not there."""
+    kernel = q8_kernel() if prepared is not None and layer_fmt in ("q8k", "q8k8") else None
+    if kernel is None:
+        return make_linear(weight(), bias, layer_fmt, dtype, row_lookup=row_lookup)
+    codes = prepared.get(key)
+    if codes is None:
+        w = weight()
+        if w.shape[1] % 32:
+            return make_linear(w, bias, layer_fmt, dtype, row_lookup=row_lookup)
+        codes = Q8KernelLinear.quantize(w)
+        prepared.put(key, *codes)
+    return Q8KernelLinear.from_codes(*codes, bias, kernel, act_bits=8 if layer_fmt == "q8k8" else 16)
+
+
+def _head_and_table(cfg: ModelConfig, weights: LoadedWeights, head_fmt: str, dtype: torch.dtype, dense,
+                    prepared=None) -> tuple[Linear, Embedding.Table]:
     """The output layer and the table embeddings are looked up from, sharing memory when tied."""
     tied = cfg.tie_word_embeddings or "output.weight" not in weights.tensors
-    head_w = embed_w if tied else dense("output.weight")
-    head = make_linear(head_w, None, head_fmt, dtype, row_lookup=tied)
+    head_name = "token_embd.weight" if tied else "output.weight"
+    head = _linear_from(prepared, head_name, lambda: dense(head_name), None, head_fmt, dtype, row_lookup=tied)
     if tied and isinstance(head, (DenseLinear, Int8Linear, Int8GroupLinear, Q8KernelLinear)):
         return head, head
     # untied, or an int4 output layer (its packing cannot be row-indexed): a separate table,
     # bf16 when the output layer is quantized (only T rows per step are read from it)
+    embed_w = dense("token_embd.weight")
     table = DenseLinear(embed_w.to(dtype if head_fmt == "dense" else torch.bfloat16))
     return head, table
