@@ -52,9 +52,13 @@ class PreparedCodes:
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return cls(cache_dir() / "prepared" / f"{path.stem}-{digest}.safetensors")
 
-    def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def get(self, name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The codes of a layer of `shape` (out, in), or None when missing or not of that shape."""
         q, d = self.found.get(name + ":q"), self.found.get(name + ":d")
-        return None if q is None or d is None else (q, d)
+        if q is None or d is None or q.dtype != torch.int8 or d.dtype != torch.float32:
+            return None
+        n, k = shape
+        return (q, d) if tuple(q.shape) == (n, k) and tuple(d.shape) == (n, k // 32) else None
 
     def put(self, name: str, q: torch.Tensor, d: torch.Tensor) -> None:
         self.new[name + ":q"], self.new[name + ":d"] = q.contiguous(), d.contiguous()
@@ -70,7 +74,7 @@ class PreparedCodes:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             save_file({**self.found, **self.new}, str(tmp))
             os.replace(tmp, self.path)
-        except OSError as exc:
+        except Exception as exc:  # OSError, or safetensors' own error for a full disk
             log.warning("could not keep prepared weights in %s: %s", self.path, exc)
             tmp.unlink(missing_ok=True)
         self.new = {}

@@ -122,8 +122,9 @@ def build_torch_weights(weights: LoadedWeights, fmt: WeightFormat,
             parts = [opt(n + ".bias") for n in names]
             bias = torch.cat([b if b is not None else torch.zeros(dense(n + ".weight").shape[0])
                               for b, n in zip(parts, names)]).to(dtype)
+        shapes = [weights.tensors[n + ".weight"].shape for n in names]
         return _linear_from(prepared, "+".join(names), lambda: torch.cat([dense(n + ".weight") for n in names]),
-                            bias, layer_fmt, dtype, row_lookup)
+                            (sum(s[0] for s in shapes), shapes[0][1]), bias, layer_fmt, dtype, row_lookup)
 
     layers = []
     for i in range(cfg.num_layers):
@@ -149,14 +150,14 @@ def build_torch_weights(weights: LoadedWeights, fmt: WeightFormat,
     )
 
 
-def _linear_from(prepared, key: str, weight, bias: torch.Tensor | None, layer_fmt: str, dtype: torch.dtype,
-                 row_lookup: bool = False) -> Linear:
+def _linear_from(prepared, key: str, weight, shape: tuple[int, int], bias: torch.Tensor | None, layer_fmt: str,
+                 dtype: torch.dtype, row_lookup: bool = False) -> Linear:
     """make_linear(weight(), ...), through `prepared` for the compiled Q8 kernel's formats:
     weight() (the file's tensor, dequantized) is only read when its codes are not there."""
     kernel = q8_kernel() if prepared is not None and layer_fmt in ("q8k", "q8k8") else None
     if kernel is None:
         return make_linear(weight(), bias, layer_fmt, dtype, row_lookup=row_lookup)
-    codes = prepared.get(key)
+    codes = prepared.get(key, shape)
     if codes is None:
         w = weight()
         if w.shape[1] % 32:
@@ -171,7 +172,8 @@ def _head_and_table(cfg: ModelConfig, weights: LoadedWeights, head_fmt: str, dty
     """The output layer and the table embeddings are looked up from, sharing memory when tied."""
     tied = cfg.tie_word_embeddings or "output.weight" not in weights.tensors
     head_name = "token_embd.weight" if tied else "output.weight"
-    head = _linear_from(prepared, head_name, lambda: dense(head_name), None, head_fmt, dtype, row_lookup=tied)
+    head = _linear_from(prepared, head_name, lambda: dense(head_name), tuple(weights.tensors[head_name].shape), None,
+                        head_fmt, dtype, row_lookup=tied)
     if tied and isinstance(head, (DenseLinear, Int8Linear, Int8GroupLinear, Q8KernelLinear)):
         return head, head
     # untied, or an int4 output layer (its packing cannot be row-indexed): a separate table,

@@ -47,7 +47,7 @@ class RequestDeltas:
                 if d.finished:
                     self.unfinished -= 1
                 yield d
-            if error is not None:
+            if error is not None and self.unfinished:  # an answer already whole stays whole
                 self.unfinished = 0
                 raise error
 
@@ -123,11 +123,16 @@ class AsyncEngine:
                 stream.put(d)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for request_id in list(self._streams):
+        request_ids = list(self._streams)
+        for request_id in request_ids:
             self.engine.abort(request_id)
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._fail_streams, EngineDeadError(f"engine step failed: {exc!r}"))
+            self._loop.call_soon_threadsafe(self._fail_streams, request_ids,
+                                            EngineDeadError(f"engine step failed: {exc!r}"))
 
-    def _fail_streams(self, error: EngineDeadError) -> None:
-        for stream in list(self._streams.values()):
-            stream.put(error)
+    def _fail_streams(self, request_ids: list[str], error: EngineDeadError) -> None:
+        """The error to the requests the engine aborted (one added since goes on)."""
+        for request_id in request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put(error)

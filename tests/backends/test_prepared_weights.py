@@ -95,3 +95,18 @@ def test_a_torn_cache_file_is_rebuilt(home, gguf_file, caplog):
     assert greedy(gguf_file) == reference
     assert "unreadable" in caplog.text
     assert path.stat().st_size > 1000  # written again, whole
+
+
+def test_codes_of_another_shape_are_not_used(home, gguf_file):
+    """A cache entry that does not fit the file's layer (a file replaced with the same size and
+    time) is quantized again, never fed to the kernel."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    reference = greedy(gguf_file)
+    (path,) = prepared_files(home)
+    codes = load_file(str(path))
+    name = next(k for k in codes if k.endswith(":q"))
+    codes[name] = codes[name][:-1].clone()
+    save_file(codes, str(path))
+    assert greedy(gguf_file) == reference

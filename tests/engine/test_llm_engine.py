@@ -174,3 +174,18 @@ def test_an_error_after_deltas_arrives_after_them():
         return got, stream.unfinished
 
     assert asyncio.run(run()) == (["a"], 0)
+
+
+def test_an_error_after_the_final_delta_leaves_the_answer_whole():
+    """The engine failing just after a request finished: the request has its answer."""
+    from localserve.engine.async_engine import RequestDeltas
+    from localserve.engine.outputs import SeqDelta
+    from localserve.errors import EngineDeadError
+
+    async def run():
+        stream = RequestDeltas(1)
+        stream.put(SeqDelta("r", 0, [1], "a", finish_reason="length"))
+        stream.put(EngineDeadError("gone"))
+        return [d.finish_reason async for d in stream]
+
+    assert asyncio.run(run()) == ["length"]
